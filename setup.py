@@ -1,0 +1,65 @@
+"""depthkd_ros: one ament_python package holding depthkd_core and depthkd_ros."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "depthkd_ros"
+
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+TRAINING = TORCH + [
+    "timm==1.0.31",
+    "tensorboard==2.21.0",
+    "tqdm==4.70.1",
+    "onnx==1.23.2",
+    "onnxscript==0.7.2",
+    "kornia==0.9.0",
+]
+DATA = ["h5py==3.16.0", "rosbags==0.11.9"]
+HF = ["transformers==5.23.0"]
+# The PyPI ROS 2 Kilted wheels, for machines without a ROS install.
+ROS = [
+    "ros-rclpy",
+    "ros-sensor-msgs",
+    "ros-std-msgs",
+    "ros-geometry-msgs",
+    "ros-diagnostic-msgs",
+    "ros-rmw-fastrtps-cpp",
+]
+DEV = ["pytest==9.2.0", "pytest-timeout==2.4.0"]
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=["depthkd_core", "depthkd_core.*", "depthkd_ros", "depthkd_ros.*"]),
+    package_data={"depthkd_ros": ["models/*.onnx", "models/*.json", "demo_data/**/*"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
+        (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
+    ],
+    python_requires=">=3.10",
+    install_requires=["numpy", "opencv-python-headless", "onnxruntime", "pyyaml", "setuptools"],
+    extras_require={
+        "training": TRAINING + DATA,
+        "data": DATA,
+        "hf": HF,
+        "ros": ROS,
+        "gpu": ["onnxruntime-gpu"],
+        "dev": DEV + HF + DATA,
+    },
+    zip_safe=True,
+    maintainer="depthkd developers",
+    maintainer_email="depthkd@example.org",
+    description="Knowledge distillation of small monocular depth networks, and a ROS 2 node that runs them.",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "depthkd = depthkd_core.cli:main",
+            "depth_node = depthkd_ros.depth_node:main",
+        ],
+    },
+)
