@@ -1,0 +1,394 @@
+"""depth_node: camera image (+ camera_info) -> metric depth, depth/camera_info, points.
+
+The math lives in ``depthkd_core.inference`` and ``depthkd_ros.conversions``;
+this node only wires topics to it (the depth_image_proc split). Only the newest
+frame is processed: a callback stores the latest message and one worker thread
+runs it, so frames that arrive during inference are dropped and counted, never
+queued. Topics, parameters and QoS are documented in docs/depth_node.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+
+from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.geometry import colorize_depth
+from depthkd_core.inference import (ALIGNMENTS, OUTPUT_RESOLUTIONS, SPARSE_ALIGNMENTS,
+                                    DepthEstimator, DepthResult, EstimatorConfig,
+                                    build_point_cloud)
+from depthkd_ros.conversions import (camera_info_to_intrinsics, compressed_to_rgb,
+                                     depth_image_to_numpy, depth_to_image, image_to_rgb,
+                                     intrinsics_to_camera_info, points_to_pointcloud2,
+                                     rgb_to_image)
+
+PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
+WARN_THROTTLE_SEC = 5.0
+_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT,
+                "reliable": ReliabilityPolicy.RELIABLE}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One declared parameter: default (fixes the type), description, range or choices."""
+
+    name: str
+    default: Any
+    description: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    dynamic: bool = False  # settable at run time; the rest are read-only
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("model_path", "", "ONNX depth model; empty = the packaged student "
+              "(depthkd_ros/models/student.onnx). Setting it at run time hot-swaps the model",
+              dynamic=True),
+    ParamSpec("providers", "auto", "ONNX Runtime execution provider",
+              choices=("auto", "cpu", "cuda", "tensorrt")),
+    ParamSpec("model_input_height", 0, "network input height (px); 0 = from the model "
+              "(dynamic models: frame height rounded to a multiple of 32)", 0, 4096),
+    ParamSpec("model_input_width", 0, "network input width (px); 0 = from the model", 0, 4096),
+    ParamSpec("input_transport", "raw", "subscribe to image (raw) or image/compressed",
+              choices=("raw", "compressed")),
+    ParamSpec("output_resolution", "camera", "publish depth at the camera or the model "
+              "resolution", choices=OUTPUT_RESOLUTIONS, dynamic=True),
+    ParamSpec("alignment", "none", "none = metric model; scale = multiply by depth_scale; "
+              "lsq/median = fit to the sparse_depth topic", choices=ALIGNMENTS),
+    ParamSpec("depth_scale", 1.0, "fixed scale for alignment=scale", 1e-6, 1e6, dynamic=True),
+    ParamSpec("min_depth", 0.1, "depths below this (m) become NaN", 0.0, 1000.0, dynamic=True),
+    ParamSpec("max_depth", 10.0, "depths above this (m) become NaN", 0.0, 1000.0, dynamic=True),
+    ParamSpec("cloud_decimation", 1, "points keeps every N-th row and column", 1, 16,
+              dynamic=True),
+    ParamSpec("publish_colored", True, "publish depth/colored (bgr8 preview)", dynamic=True),
+    ParamSpec("cloud_rgb", True, "add the rgb field to points", dynamic=True),
+    ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions "
+              "(best_effort accepts reliable and best-effort publishers)",
+              choices=tuple(_RELIABILITY)),
+    ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
+    ParamSpec("output_reliability", "reliable", "QoS reliability of the outputs (reliable "
+              "serves reliable and best-effort subscribers such as RViz)",
+              choices=tuple(_RELIABILITY)),
+    ParamSpec("output_depth", 1, "QoS history depth of the outputs", 1, 100),
+    ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
+)
+
+
+def descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    """ParameterDescriptor with description, numeric range or choices, read_only flag."""
+    desc = ParameterDescriptor(name=spec.name, description=spec.description,
+                               read_only=not spec.dynamic)
+    if spec.choices:
+        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
+    elif isinstance(spec.default, float):
+        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low),
+                                                        to_value=float(spec.high))]
+    elif isinstance(spec.default, int) and not isinstance(spec.default, bool):
+        desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high),
+                                           step=1)]
+    return desc
+
+
+def resolve_model_path(value: str) -> Path:
+    """``model_path`` -> an existing file (empty = the packaged student)."""
+    path = Path(value).expanduser() if value else PACKAGED_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"model_path {str(path)!r} does not exist"
+                                + ("" if value else " (the packaged student is missing)"))
+    return path
+
+
+def estimator_config(values: dict[str, Any]) -> EstimatorConfig:
+    """Validate the parameter values (ValueError names the parameter) -> EstimatorConfig."""
+    for spec in PARAMS:
+        if spec.choices and values[spec.name] not in spec.choices:
+            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
+                             f"got {values[spec.name]!r}")
+    size = (values["model_input_height"], values["model_input_width"])
+    if (size[0] == 0) != (size[1] == 0):
+        raise ValueError(f"model_input_height/width must both be 0 or both > 0, got {size}")
+    if values["min_depth"] >= values["max_depth"]:
+        raise ValueError(f"min_depth {values['min_depth']} must be < max_depth "
+                         f"{values['max_depth']}")
+    return EstimatorConfig(output_resolution=values["output_resolution"],
+                           alignment=values["alignment"], depth_scale=values["depth_scale"],
+                           min_depth=values["min_depth"], max_depth=values["max_depth"],
+                           input_size=size if size[0] else None)
+
+
+def load_estimator(values: dict[str, Any]) -> DepthEstimator:
+    """Load, check (input size, a dry run on a black frame) and wrap the configured model."""
+    config = estimator_config(values)  # reject bad values before the slow model load
+    model = OnnxDepthModel(resolve_model_path(values["model_path"]), providers=values["providers"])
+    estimator = DepthEstimator(model, config)
+    estimator.dry_run()
+    return estimator
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Everything one frame needs; replaced as a whole so a frame never sees half a change."""
+
+    estimator: DepthEstimator
+    decimation: int
+    colored: bool
+    cloud_rgb: bool
+    model_path: str
+
+
+class FrameStats:
+    """Thread-safe counters; ``window`` is reset by each diagnostics message."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0}
+        self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
+        self.last_error = ""
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window_start = time.monotonic()
+        self.window = {"frames": 0, "inference_ms": 0.0, "total_ms": 0.0}
+
+    def add(self, key: str, reason: str = "") -> None:
+        with self.lock:
+            self.totals[key] += 1
+            self.last_error = reason or self.last_error
+
+    def frame_done(self, inference_ms: float, total_ms: float, published: list[str]) -> None:
+        with self.lock:
+            self.totals["processed"] += 1
+            self.window["frames"] += 1
+            self.window["inference_ms"] += inference_ms
+            self.window["total_ms"] += total_ms
+            for name in published:
+                self.published[name] += 1
+
+    def take_window(self) -> tuple[dict[str, float], float]:
+        with self.lock:
+            window, elapsed = self.window, time.monotonic() - self.window_start
+            self._reset_window()
+            return window, elapsed
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {**self.totals, "published": dict(self.published),
+                    "last_error": self.last_error}
+
+
+class DepthNode(Node):
+    """Monocular depth from a camera stream with a distilled ONNX student."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("depth_node", **kwargs)
+        try:
+            self._setup()
+        except BaseException:
+            super().destroy_node()
+            raise
+
+    def _setup(self) -> None:
+        for spec in PARAMS:
+            self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        values = self.parameter_values()
+        self._pipeline = self._make_pipeline(values, load_estimator(values))
+        self.get_logger().info(f"model {self._pipeline.model_path} on "
+                               f"{self._pipeline.estimator.model.provider}")
+        self.stats = FrameStats()
+        self._lock = threading.Lock()
+        self._pending: Image | CompressedImage | None = None
+        self._camera_info: CameraInfo | None = None
+        self._sparse: Image | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._make_topics(values)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(values["diagnostics_period"], self._publish_diagnostics)
+        self._worker = threading.Thread(target=self._run, name="depth_node_worker", daemon=True)
+        self._worker.start()
+
+    def parameter_values(self) -> dict[str, Any]:
+        """Current value of every declared parameter, by name."""
+        return {spec.name: self.get_parameter(spec.name).value for spec in PARAMS}
+
+    @staticmethod
+    def _make_pipeline(values: dict[str, Any], estimator: DepthEstimator) -> Pipeline:
+        return Pipeline(estimator, values["cloud_decimation"], values["publish_colored"],
+                        values["cloud_rgb"], str(resolve_model_path(values["model_path"])))
+
+    def _make_topics(self, values: dict[str, Any]) -> None:
+        qos_in = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["input_depth"],
+                            reliability=_RELIABILITY[values["input_reliability"]])
+        qos_out = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["output_depth"],
+                             reliability=_RELIABILITY[values["output_reliability"]])
+        if values["input_transport"] == "raw":
+            self.create_subscription(Image, "image", self._on_image, qos_in)
+        else:
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in)
+        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos_in)
+        if values["alignment"] in SPARSE_ALIGNMENTS:
+            self.create_subscription(Image, "sparse_depth", self._on_sparse, qos_in)
+        self._pubs = {"depth": self.create_publisher(Image, "depth", qos_out),
+                      "camera_info": self.create_publisher(CameraInfo, "depth/camera_info",
+                                                           qos_out),
+                      "colored": self.create_publisher(Image, "depth/colored", qos_out),
+                      "points": self.create_publisher(PointCloud2, "points", qos_out)}
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+    # -- callbacks: store the newest message only ------------------------------------------
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        with self._lock:
+            replaced = self._pending is not None
+            self._pending = msg
+        self.stats.add("received")
+        if replaced:
+            self.stats.add("dropped")
+        self._wake.set()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        with self._lock:
+            self._camera_info = msg
+
+    def _on_sparse(self, msg: Image) -> None:
+        with self._lock:
+            self._sparse = msg
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Validate a run-time change; a new model_path is loaded beside the old model."""
+        values = {**self.parameter_values(), **{p.name: p.value for p in params}}
+        swap = values["model_path"] != self.get_parameter("model_path").value
+        try:
+            estimator = (load_estimator(values) if swap else
+                         DepthEstimator(self._pipeline.estimator.model, estimator_config(values)))
+            pipeline = self._make_pipeline(values, estimator)
+        # Any failure (missing file, bad protobuf, wrong size, NaN dry run) must keep
+        # the old model running, and onnxruntime raises plain Exception subclasses.
+        except Exception as exc:  # noqa: BLE001
+            self.get_logger().warning(f"rejected parameter change: {exc}")
+            return SetParametersResult(successful=False, reason=str(exc))
+        self._pipeline = pipeline  # one reference assignment: the swap is atomic
+        if swap:
+            self.get_logger().info(f"hot-swapped the model: now {pipeline.model_path}")
+        return SetParametersResult(successful=True)
+
+    # -- worker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(0.1):
+                continue
+            with self._lock:
+                msg, self._pending = self._pending, None
+                info, sparse = self._camera_info, self._sparse
+                self._wake.clear()
+            if msg is not None:
+                self._process(msg, info, sparse)
+
+    def _wanted(self, pipeline: Pipeline) -> list[str]:
+        wanted = [name for name, pub in self._pubs.items() if pub.get_subscription_count() > 0]
+        return [n for n in wanted if n != "colored" or pipeline.colored]
+
+    def _process(self, msg: Image | CompressedImage, info: CameraInfo | None,
+                 sparse: Image | None) -> None:
+        start = time.perf_counter()
+        pipeline = self._pipeline  # read once: a hot-swap applies from the next frame
+        wanted = self._wanted(pipeline)
+        if not wanted:
+            return  # nobody listens: skip inference entirely
+        try:
+            if info is None:
+                raise ValueError("no camera_info received yet")
+            rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
+            sparse_m = depth_image_to_numpy(sparse) if sparse is not None else None
+            result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
+            self._publish(msg, rgb, result, pipeline, wanted)
+        # A bad frame (or a failing provider) must never kill the worker thread.
+        except Exception as exc:  # noqa: BLE001
+            self.stats.add("skipped", str(exc))
+            self.get_logger().warning(f"skipped frame: {exc}",
+                                      throttle_duration_sec=WARN_THROTTLE_SEC)
+            return
+        self.stats.frame_done(result.timings["inference"],
+                              (time.perf_counter() - start) * 1e3, wanted)
+
+    def _publish(self, msg: Image | CompressedImage, rgb: np.ndarray, result: DepthResult,
+                 pipeline: Pipeline, wanted: list[str]) -> None:
+        header = msg.header
+        config = pipeline.estimator.config
+        if "depth" in wanted:
+            self._pubs["depth"].publish(depth_to_image(result.depth, header))
+        if "camera_info" in wanted:
+            self._pubs["camera_info"].publish(intrinsics_to_camera_info(result.intrinsics, header))
+        if "colored" in wanted:
+            preview = colorize_depth(result.depth, config.min_depth, config.max_depth)
+            self._pubs["colored"].publish(rgb_to_image(preview, "bgr8", header))
+        if "points" in wanted:
+            points, colors = build_point_cloud(result.depth, result.intrinsics,
+                                               pipeline.decimation,
+                                               rgb if pipeline.cloud_rgb else None)
+            self._pubs["points"].publish(points_to_pointcloud2(points, header, colors))
+
+    def _publish_diagnostics(self) -> None:
+        window, elapsed = self.stats.take_window()
+        totals = self.stats.snapshot()
+        frames = window["frames"]
+        pipeline = self._pipeline
+        values = {
+            "rate_hz": frames / max(elapsed, 1e-9),
+            "inference_ms": window["inference_ms"] / max(frames, 1),
+            "total_ms": window["total_ms"] / max(frames, 1),
+            "dropped_frames": totals["dropped"], "skipped_frames": totals["skipped"],
+            "processed_frames": totals["processed"], "received_frames": totals["received"],
+            "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
+            "last_error": totals["last_error"],
+        }
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.OK if frames else DiagnosticStatus.WARN,
+            name=f"{self.get_fully_qualified_name()}: depth estimation",
+            message="running" if frames else "no frames processed in this period",
+            hardware_id=values["provider"],
+            values=[KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v))
+                    for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    def destroy_node(self) -> None:
+        if hasattr(self, "_worker"):
+            self._stop.set()
+            self._wake.set()
+            self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    """``ros2 run depthkd_ros depth_node`` (ros2/demos style)."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = DepthNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Run depth_node for one or several cameras, optionally with RViz.
+
+    ros2 launch depthkd_ros depth.launch.py camera:=front image:=image_rect rviz:=true
+    ros2 launch depthkd_ros depth.launch.py cameras:=front,rear input_transport:=compressed
+
+Each camera gets a depth_node in its own namespace, so ``image`` resolves to
+``/<camera>/<image>`` and the outputs to ``/<camera>/depth``, ``/<camera>/points``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+PACKAGE = "depthkd_ros"
+# Installed, this file is share/depthkd_ros/launch/depth.launch.py and the configs
+# are in share/depthkd_ros/config; the source tree has the same layout, so the
+# launch file also runs from a checkout.
+CONFIG = Path(__file__).parent.parent / "config"
+
+ARGUMENTS = {
+    "camera": ("", "namespace of the camera (one node)"),
+    "cameras": ("", "comma-separated namespaces, one node each (overrides camera)"),
+    "model_path": ("", "ONNX model; empty keeps params_file's value (packaged student)"),
+    "params_file": (str(CONFIG / "depth.yaml"), "depth_node parameters (YAML)"),
+    "input_transport": ("raw", "raw (image) or compressed (image/compressed)"),
+    "image": ("image", "image topic the node reads, relative to the camera namespace"),
+    "camera_info": ("camera_info", "camera_info topic, relative to the camera namespace"),
+    "rviz": ("false", "true opens RViz with config/depthkd.rviz on the first camera"),
+}
+
+
+def _nodes(context: object) -> list:
+    def value(name: str) -> str:
+        return LaunchConfiguration(name).perform(context)
+
+    namespaces = [ns.strip() for ns in value("cameras").split(",") if ns.strip()]
+    namespaces = namespaces or [value("camera")]
+    overrides = {"input_transport": value("input_transport")}
+    if value("model_path"):
+        overrides["model_path"] = value("model_path")
+    image = value("image")
+    remappings = [("image", image), ("image/compressed", f"{image}/compressed"),
+                  ("camera_info", value("camera_info"))]
+    actions = [Node(package=PACKAGE, executable="depth_node", name="depth_node", namespace=ns,
+                    parameters=[value("params_file"), overrides], remappings=remappings,
+                    output="screen")
+               for ns in namespaces]
+    if value("rviz").lower() in ("true", "1", "yes"):
+        # The RViz config uses relative topic names, resolved in this namespace.
+        actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",
+                            namespace=namespaces[0],
+                            arguments=["-d", str(CONFIG / "depthkd.rviz")], output="screen"))
+    return actions
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=description)
+         for name, (default, description) in ARGUMENTS.items()]
+        + [OpaqueFunction(function=_nodes)])

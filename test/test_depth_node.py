@@ -1,0 +1,499 @@
+"""depth_node with real rclpy and real DDS: real messages in, real messages out.
+
+Three nodes share one executor thread: ``/ramp`` and ``/jpeg`` run a tiny ONNX
+model whose output is known per pixel (depth = 1 + 4 * red), ``/fast`` runs the
+real FastDepth model for hot-swap and drop tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytestmark = pytest.mark.ros
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.context import Context  # noqa: E402
+from rclpy.exceptions import InvalidParameterValueException  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
+
+from depthkd_core.geometry import Intrinsics, colorize_depth  # noqa: E402
+from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,  # noqa: E402
+                                     compressed_to_rgb, depth_image_to_numpy, image_to_numpy,
+                                     image_to_rgb, numpy_to_image,
+                                     pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
+from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from test_inference import FASTDEPTH, TUM, write_linear_onnx  # noqa: E402
+
+DOMAIN_ID = 47  # unique per test module so parallel runs never cross
+REPO = Path(__file__).resolve().parents[1]
+QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+H, W = 48, 64
+K = Intrinsics(fx=60.0, fy=62.0, cx=31.5, cy=23.5, width=W, height=H)
+MIN_D, MAX_D = 1.5, 4.0
+_stamps = itertools.count(1)
+
+needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared FastDepth missing")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+class Harness:
+    """Test publisher + subscriber in the depth node's namespace."""
+
+    def __init__(self, context: Context, executor: SingleThreadedExecutor, node: DepthNode,
+                 outputs: tuple[str, ...]) -> None:
+        ns = node.get_namespace()
+        self.depth_node = node
+        self.node = rclpy.create_node(f"harness{ns.replace('/', '_')}", namespace=ns,
+                                      context=context)
+        self.image = self.node.create_publisher(Image, "image", QOS)
+        self.compressed = self.node.create_publisher(CompressedImage, "image/compressed", QOS)
+        self.info = self.node.create_publisher(CameraInfo, "camera_info", QOS)
+        self.cond = threading.Condition()
+        self.msgs: dict[str, list] = defaultdict(list)
+        kinds = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
+                 "depth/colored": Image}
+        for topic in outputs:
+            self.subscribe(topic, kinds[topic])
+        executor.add_node(self.node)
+
+    def subscribe(self, topic: str, kind: type) -> None:
+        self.node.create_subscription(kind, topic, partial(self._store, topic), QOS)
+
+    def _store(self, topic: str, msg: Any) -> None:
+        with self.cond:
+            self.msgs[topic].append(msg)
+            self.cond.notify_all()
+
+    def set_camera_info(self, info: CameraInfo) -> None:
+        """Publish camera_info until the node holds exactly this one."""
+        def held() -> bool:
+            self.info.publish(info)
+            return self.depth_node._camera_info == info  # noqa: SLF001 - test hook
+        wait_until(held, what="camera_info to arrive")
+
+    def send(self, msg: Image | CompressedImage) -> tuple[int, int]:
+        msg.header.frame_id = "camera_optical_frame"
+        msg.header.stamp.sec, msg.header.stamp.nanosec = 1000 + next(_stamps), 4242
+        (self.image if isinstance(msg, Image) else self.compressed).publish(msg)
+        return msg.header.stamp.sec, msg.header.stamp.nanosec
+
+    def wait(self, topic: str, stamp: tuple[int, int], timeout: float = 10.0,
+             newer: bool = False) -> Any:
+        """The ``topic`` message with this stamp (or, ``newer``, the first one after it)."""
+        def find() -> Any:
+            return next((m for m in self.msgs[topic]
+                         if (m.header.stamp.sec, m.header.stamp.nanosec) > stamp
+                         or (not newer and (m.header.stamp.sec, m.header.stamp.nanosec) == stamp)),
+                        None)
+        with self.cond:
+            if not self.cond.wait_for(find, timeout):
+                raise AssertionError(f"no {topic} for stamp {stamp} within {timeout} s; "
+                                     f"node stats {self.depth_node.stats.snapshot()}")
+            return find()
+
+
+def _info(K: Intrinsics) -> CameraInfo:
+    info = CameraInfo(width=K.width, height=K.height)
+    info.k = K.matrix().ravel().tolist()
+    return info
+
+
+def _frame(seed: int = 0) -> np.ndarray:
+    """Red rises left to right (depth 1..5 m through the ramp model); pairs share colour."""
+    rng = np.random.default_rng(seed)
+    rgb = np.repeat(rng.integers(0, 256, (H, W // 2, 3), dtype=np.uint8), 2, axis=1)
+    rgb[..., 0] = (np.arange(W) // 2 * 8).astype(np.uint8)[None, :]
+    return rgb
+
+
+def _expected_depth(rgb: np.ndarray) -> np.ndarray:
+    depth = 1.0 + 4.0 * rgb[..., 0].astype(np.float32) / 255.0
+    depth[(depth < MIN_D) | (depth > MAX_D)] = np.nan
+    return depth
+
+
+def _backproject(depth: np.ndarray, info: CameraInfo, step: int = 1) -> np.ndarray:
+    """Hand-written pinhole back-projection of pixels (step*i, step*j)."""
+    Kc = np.asarray(info.k).reshape(3, 3)
+    v, u = np.mgrid[0:depth.shape[0]:step, 0:depth.shape[1]:step]
+    z = depth[v, u]
+    return np.stack([(u - Kc[0, 2]) * z / Kc[0, 0], (v - Kc[1, 2]) * z / Kc[1, 1], z], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    models = tmp_path_factory.mktemp("models")
+    ramp = write_linear_onnx(models / "ramp.onnx", 4.0, 1.0)
+    context = Context()
+    rclpy.init(context=context, domain_id=DOMAIN_ID)
+    executor = SingleThreadedExecutor(context=context)
+    common = [Parameter("model_path", value=str(ramp)), Parameter("min_depth", value=MIN_D),
+              Parameter("max_depth", value=MAX_D), Parameter("model_input_height", value=H),
+              Parameter("model_input_width", value=W), Parameter("diagnostics_period", value=0.3)]
+    nodes = {"ramp": DepthNode(context=context, namespace="ramp", parameter_overrides=common),
+             "jpeg": DepthNode(context=context, namespace="jpeg", parameter_overrides=common + [
+                 Parameter("input_transport", value="compressed")])}
+    if FASTDEPTH.is_file():
+        nodes["fast"] = DepthNode(context=context, namespace="fast", parameter_overrides=[
+            Parameter("model_path", value=str(FASTDEPTH)),
+            Parameter("output_resolution", value="model"),
+            Parameter("model_input_height", value=224), Parameter("model_input_width", value=224)])
+    for node in nodes.values():
+        executor.add_node(node)
+    harness = {"ramp": Harness(context, executor, nodes["ramp"],
+                               ("depth", "depth/camera_info", "points")),
+               "jpeg": Harness(context, executor, nodes["jpeg"], ("depth", "points"))}
+    if "fast" in nodes:
+        harness["fast"] = Harness(context, executor, nodes["fast"], ("depth", "depth/camera_info"))
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    for name, h in harness.items():
+        wait_until(lambda h=h: (h.image.get_subscription_count()
+                                + h.compressed.get_subscription_count())
+                   and h.info.get_subscription_count(), what=f"{name} discovery")
+        wait_until(lambda n=nodes[name]: n._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+                   what=f"{name} depth subscriber")
+    harness["ramp"].set_camera_info(_info(K))
+    harness["jpeg"].set_camera_info(_info(K))
+    yield {"nodes": nodes, "harness": harness, "models": models, "executor": executor,
+           "context": context}
+    executor.shutdown()
+    for node in nodes.values():
+        node.destroy_node()
+    for h in harness.values():
+        h.node.destroy_node()
+    rclpy.shutdown(context=context)
+    thread.join(timeout=5.0)
+
+
+@pytest.mark.parametrize("encoding", [e for e in COLOR_ENCODINGS if e not in ("uyvy", "yuyv")])
+def test_every_encoding_gives_depth_info_and_cloud(ros: Any, encoding: str) -> None:
+    h: Harness = ros["harness"]["ramp"]
+    sent = rgb_to_image(_frame(), encoding)
+    stamp = h.send(sent)
+    depth_msg = h.wait("depth", stamp)
+    info_msg = h.wait("depth/camera_info", stamp)
+    cloud_msg = h.wait("points", stamp)
+    for msg in (depth_msg, info_msg, cloud_msg):
+        assert msg.header == sent.header
+    decoded = image_to_rgb(sent)
+    if encoding != "mono8":  # grey has no red channel to compare
+        tolerance = 6 if encoding.startswith("yuv") else 0  # 4:2:2 chroma rounding
+        assert np.abs(decoded[..., 0].astype(int) - _frame()[..., 0]).max() <= tolerance
+    assert depth_msg.encoding == "32FC1" and (depth_msg.height, depth_msg.width) == (H, W)
+    depth = depth_image_to_numpy(depth_msg)
+    np.testing.assert_allclose(depth, _expected_depth(decoded), rtol=1e-5)
+    assert np.isnan(depth).any() and np.isfinite(depth).any()  # clipping at both ends happened
+    assert camera_info_to_intrinsics(info_msg) == K
+    points, colors = pointcloud2_to_numpy(cloud_msg)
+    assert (cloud_msg.height, cloud_msg.width, cloud_msg.is_dense) == (H, W, False)
+    np.testing.assert_allclose(points, _backproject(depth, info_msg), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(colors, decoded)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_compressed_transport(ros: Any, fmt: str) -> None:
+    h: Harness = ros["harness"]["jpeg"]
+    sent = rgb_to_compressed(_frame(1), fmt)
+    stamp = h.send(sent)
+    depth_msg = h.wait("depth", stamp)
+    assert depth_msg.header == sent.header
+    depth = depth_image_to_numpy(depth_msg)
+    np.testing.assert_allclose(depth, _expected_depth(compressed_to_rgb(sent)), rtol=1e-5)
+    assert h.wait("points", stamp).header == sent.header
+
+
+def test_decimation_clipping_and_rejected_values(ros: Any) -> None:
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    ok = node.set_parameters([Parameter("cloud_decimation", value=3),
+                              Parameter("max_depth", value=3.0)])
+    assert all(r.successful for r in ok)
+    try:
+        stamp = h.send(rgb_to_image(_frame(2)))
+        depth = depth_image_to_numpy(h.wait("depth", stamp))
+        cloud = h.wait("points", stamp)
+        assert (cloud.height, cloud.width) == (16, 22)  # ceil(48/3), ceil(64/3)
+        points, _ = pointcloud2_to_numpy(cloud)
+        np.testing.assert_allclose(points, _backproject(depth, h.wait("depth/camera_info", stamp),
+                                                        step=3), rtol=1e-5, atol=1e-6)
+        valid = depth[np.isfinite(depth)]
+        assert valid.min() >= MIN_D and valid.max() <= 3.0
+        assert np.isnan(points[..., 2]).any()
+    finally:
+        node.set_parameters([Parameter("cloud_decimation", value=1),
+                             Parameter("max_depth", value=MAX_D)])
+    bad = node.set_parameters([Parameter("min_depth", value=5.0)])[0]
+    assert not bad.successful and "min_depth" in bad.reason
+    out_of_range = node.set_parameters([Parameter("cloud_decimation", value=0)])[0]
+    assert not out_of_range.successful
+    read_only = node.set_parameters([Parameter("providers", value="cuda")])[0]
+    assert not read_only.successful
+
+
+def test_colored_only_when_subscribed(ros: Any) -> None:
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    h.wait("depth", h.send(rgb_to_image(_frame(3))))
+    assert node.stats.snapshot()["published"]["colored"] == 0  # nobody listened
+    h.subscribe("depth/colored", Image)
+    wait_until(lambda: node._pubs["colored"].get_subscription_count(),  # noqa: SLF001
+               what="colored subscriber")
+    stamp = h.send(rgb_to_image(_frame(3)))
+    colored = h.wait("depth/colored", stamp)
+    assert colored.encoding == "bgr8" and colored.header.stamp.sec == stamp[0]
+    depth = depth_image_to_numpy(h.wait("depth", stamp))
+    expected_rgb = colorize_depth(depth, MIN_D, MAX_D)
+    np.testing.assert_array_equal(image_to_numpy(colored)[..., ::-1], expected_rgb)
+
+
+def test_sparse_lsq_alignment(ros: Any) -> None:
+    overrides = [Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+                 Parameter("alignment", value="lsq"), Parameter("min_depth", value=0.1),
+                 Parameter("max_depth", value=20.0)]
+    node = DepthNode(context=ros["context"], namespace="sparse", parameter_overrides=overrides)
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth",))
+    sparse_pub = h.node.create_publisher(Image, "sparse_depth", QOS)
+    try:
+        wait_until(lambda: sparse_pub.get_subscription_count()
+                   and node._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+                   what="sparse node discovery")
+        h.set_camera_info(_info(K))
+        rgb = _frame(7)
+        _expect_skip(node, lambda: h.send(rgb_to_image(rgb)), "needs sparse metric depth")
+        pred = 1.0 + 4.0 * rgb[..., 0].astype(np.float64) / 255.0
+        mm = np.zeros((H, W), np.uint16)  # 16UC1 millimetres, 0 = no return
+        ys, xs = np.mgrid[2:H:6, 3:W:7]
+        mm[ys, xs] = np.round((2.0 * pred[ys, xs] + 0.5) * 1000.0).astype(np.uint16)
+        sparse = numpy_to_image(mm, "16UC1")
+        wait_until(lambda: sparse_pub.publish(sparse) or node._sparse == sparse,  # noqa: SLF001
+                   what="sparse depth to arrive")
+        depth = depth_image_to_numpy(h.wait("depth", h.send(rgb_to_image(rgb))))
+        # Millimetre rounding of the reference limits the fit to about 1e-3.
+        np.testing.assert_allclose(depth, 2.0 * pred + 0.5, rtol=2e-3)
+    finally:
+        ros["executor"].remove_node(node)
+        ros["executor"].remove_node(h.node)
+        node.destroy_node()
+        h.node.destroy_node()
+
+
+def _expect_skip(node: DepthNode, action: Callable[[], None], reason: str) -> None:
+    before = node.stats.snapshot()["skipped"]
+    action()
+    wait_until(lambda: node.stats.snapshot()["skipped"] == before + 1, what=f"skip ({reason})")
+    assert reason in node.stats.snapshot()["last_error"]
+
+
+def test_bad_inputs_leave_node_alive(ros: Any) -> None:
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    good = rgb_to_image(_frame(4))
+    unknown = Image(height=H, width=W, encoding="bayer_rggb8", step=W, data=bytes(H * W))
+    truncated = rgb_to_image(_frame(4))
+    truncated.data = bytes(good.data)[: len(good.data) // 2]
+    short_step = rgb_to_image(_frame(4))
+    short_step.step = W
+    _expect_skip(node, lambda: h.send(unknown), "bayer_rggb8")
+    _expect_skip(node, lambda: h.send(truncated), "truncated")
+    _expect_skip(node, lambda: h.send(short_step), "shorter than")
+    h.set_camera_info(CameraInfo(width=W, height=H))
+    _expect_skip(node, lambda: h.send(rgb_to_image(_frame(4))), "fx=0")
+    h.set_camera_info(_info(K.scaled(32, 24)))
+    _expect_skip(node, lambda: h.send(rgb_to_image(_frame(4))), "intrinsics are for 32x24")
+    h.set_camera_info(_info(K))
+    assert h.wait("depth", h.send(good)).header == good.header
+
+    jnode: DepthNode = ros["nodes"]["jpeg"]
+    j: Harness = ros["harness"]["jpeg"]
+    jpeg = rgb_to_compressed(_frame(4), "jpeg")
+    _expect_skip(jnode, lambda: j.send(CompressedImage(format="jpeg", data=b"\xff\xd8garbage")),
+                 "truncated JPEG")
+    _expect_skip(jnode, lambda: j.send(CompressedImage(format="jpeg", data=b"nonsense" * 20)),
+                 "could not be decoded")
+    assert j.wait("depth", j.send(jpeg)).header == jpeg.header
+
+
+def test_diagnostics(ros: Any) -> None:
+    h: Harness = ros["harness"]["ramp"]
+    h.subscribe("/diagnostics", DiagnosticArray)
+    h.wait("depth", h.send(rgb_to_image(_frame(5))))
+
+    def ours() -> dict[str, str] | None:
+        with h.cond:
+            for array in h.msgs["/diagnostics"]:
+                for status in array.status:
+                    if status.name.startswith("/ramp/depth_node"):
+                        return {kv.key: kv.value for kv in status.values}
+        return None
+    values = wait_until(ours, what="/diagnostics from /ramp/depth_node")
+    assert {"rate_hz", "inference_ms", "total_ms", "dropped_frames", "provider",
+            "model_path"} <= set(values)
+    assert values["provider"] == "CPUExecutionProvider"
+    assert values["model_path"].endswith("ramp.onnx")
+
+
+def _tum_rgb() -> np.ndarray:
+    import cv2
+
+    path = TUM / "tum_color.png"
+    if path.is_file():
+        return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return _frame(6)
+
+
+@needs_fastdepth
+def test_hot_swap_under_a_stream(ros: Any) -> None:
+    node: DepthNode = ros["nodes"]["fast"]
+    h: Harness = ros["harness"]["fast"]
+    rgb = _tum_rgb()
+    K_cam = Intrinsics(525.0, 525.0, (rgb.shape[1] - 1) / 2, (rgb.shape[0] - 1) / 2,
+                       rgb.shape[1], rgb.shape[0])
+    h.set_camera_info(_info(K_cam))
+    constant = write_linear_onnx(ros["models"] / "const.onnx", 0.0, 2.5, size=(224, 224))
+    nan_model = write_linear_onnx(ros["models"] / "nan.onnx", 0.0, float("nan"), size=(224, 224))
+    small = write_linear_onnx(ros["models"] / "small.onnx", 0.0, 2.5, size=(16, 16))
+    sent: list[tuple[int, int]] = [(0, 0)]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            with lock:
+                sent.append(h.send(rgb_to_image(rgb)))
+            time.sleep(0.05)
+
+    def depth_now() -> np.ndarray:
+        """Depth of a frame published after this call (so after any swap that returned)."""
+        with lock:
+            stamp = sent[-1]
+        return depth_image_to_numpy(h.wait("depth", stamp, newer=True))
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        first = depth_now()
+        assert first.shape == (224, 224) and np.nanstd(first) > 0.05  # a real scene, not flat
+        info = h.wait("depth/camera_info", sent[1], newer=True)
+        assert camera_info_to_intrinsics(info) == K_cam.scaled(224, 224)
+        assert node.set_parameters([Parameter("model_path", value=str(constant))])[0].successful
+        np.testing.assert_allclose(depth_now(), 2.5)
+        for bad, reason in ((ros["models"] / "missing.onnx", "does not exist"),
+                            (nan_model, "not finite"), (small, "fixed 16x16")):
+            result = node.set_parameters([Parameter("model_path", value=str(bad))])[0]
+            assert not result.successful and reason in result.reason, result.reason
+            np.testing.assert_allclose(depth_now(), 2.5)  # the old model still runs
+        assert node.get_parameter("model_path").value == str(constant)
+        assert node.set_parameters([Parameter("model_path", value=str(FASTDEPTH))])[0].successful
+        np.testing.assert_allclose(depth_now(), first, rtol=1e-5)
+    finally:
+        stop.set()
+        streamer.join()
+
+
+@needs_fastdepth
+def test_newest_frame_only_drops_and_counts(ros: Any) -> None:
+    node: DepthNode = ros["nodes"]["fast"]
+    h: Harness = ros["harness"]["fast"]
+    rgb = _tum_rgb()
+    h.set_camera_info(_info(Intrinsics(525.0, 525.0, 319.5, 239.5, rgb.shape[1], rgb.shape[0])))
+    time.sleep(0.3)  # let any earlier frame finish
+    before = node.stats.snapshot()
+    stamps = [h.send(rgb_to_image(rgb)) for _ in range(30)]  # far faster than inference
+    last = h.wait("depth", stamps[-1], timeout=15.0)  # the newest frame is never dropped
+    assert last.header.stamp.sec == stamps[-1][0]
+    time.sleep(0.3)
+    after = node.stats.snapshot()
+    received = after["received"] - before["received"]
+    processed = after["processed"] - before["processed"]
+    dropped = after["dropped"] - before["dropped"]
+    assert dropped > 0
+    assert processed + dropped == received  # nothing is queued: each frame is run or dropped
+    outputs = [m for m in h.msgs["depth"] if m.header.stamp.sec >= stamps[0][0]]
+    assert len(outputs) == processed < 30
+    assert after["published"]["points"] == 0  # nobody subscribed to points: no cloud built
+
+
+def test_startup_validation(ros: Any) -> None:
+    ctx = ros["context"]
+    ramp = str(ros["models"] / "ramp.onnx")
+
+    def make(**params: Any) -> DepthNode:
+        overrides = [Parameter("model_path", value=ramp)] + [
+            Parameter(k, value=v) for k, v in params.items()]
+        return DepthNode(context=ctx, namespace="bad", parameter_overrides=overrides)
+
+    cases = [({"providers": "gpu"}, ValueError, "providers"),
+             ({"input_transport": "theora"}, ValueError, "input_transport"),
+             ({"min_depth": 5.0, "max_depth": 2.0}, ValueError, "min_depth"),
+             ({"model_input_height": 64}, ValueError, "both be 0"),
+             ({"model_path": "/nonexistent/model.onnx"}, FileNotFoundError, "does not exist"),
+             ({"cloud_decimation": 0}, InvalidParameterValueException, "cloud_decimation")]
+    if FASTDEPTH.is_file():
+        cases.append(({"model_path": str(FASTDEPTH), "model_input_height": 256,
+                       "model_input_width": 256}, ValueError, "fixed 224x224"))
+    for params, error, match in cases:
+        with pytest.raises(error, match=match):
+            make(**params)
+    described = ros["nodes"]["ramp"].describe_parameters(["max_depth", "cloud_decimation",
+                                                          "providers"])
+    assert described[0].floating_point_range[0].to_value == 1000.0 and described[0].description
+    assert described[1].integer_range[0].from_value == 1
+    assert described[2].read_only and "tensorrt" in described[2].additional_constraints
+
+
+def _run_main(args: list[str], domain: int) -> subprocess.Popen:
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "depthkd_ros.depth_node", "--ros-args", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_main_starts_stops_and_fails_clearly(tmp_path: Path) -> None:
+    ramp = write_linear_onnx(tmp_path / "ramp.onnx", 4.0, 1.0)
+    proc = _run_main(["-p", f"model_path:={ramp}"], DOMAIN_ID + 1)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    wait_until(lambda: any("CPUExecutionProvider" in line for line in lines), timeout=30,
+               what="depth_node to start")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0, "".join(lines)
+    bad = _run_main(["-p", f"model_path:={ramp}", "-p", "providers:=gpu"], DOMAIN_ID + 1)
+    out, _ = bad.communicate(timeout=30)
+    assert bad.returncode != 0 and "parameter providers must be one of" in out
+
+
+def test_live_path_never_imports_torch() -> None:
+    code = ("import sys, depthkd_ros.depth_node; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,0 +1,194 @@
+"""launch/depth.launch.py, config/depth.yaml, config/depthkd.rviz and the node doc agree.
+
+launch_ros cannot be installed here, so the launch file is executed against tiny
+recording stand-ins for ``launch``/``launch_ros``; where launch_ros imports (a
+real ROS 2 install) it is also run for real.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "depth.launch.py"
+PARAMS_YAML = REPO / "config" / "depth.yaml"
+RVIZ = REPO / "config" / "depthkd.rviz"
+DOC = REPO / "docs" / "depth_node.md"
+DOMAIN_ID = 49
+
+
+class _Recorder:
+    """Stand-in for a launch action: keeps its arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perform(self, context: Any) -> str:
+        return context.launch_configurations[self.name]
+
+
+def _fake_launch_modules() -> dict[str, types.ModuleType]:
+    modules = {name: types.ModuleType(name) for name in
+               ("launch", "launch.actions", "launch.substitutions", "launch_ros",
+                "launch_ros.actions")}
+    modules["launch"].LaunchDescription = _Recorder
+    modules["launch.actions"].DeclareLaunchArgument = type("DeclareLaunchArgument",
+                                                           (_Recorder,), {})
+    modules["launch.actions"].OpaqueFunction = type("OpaqueFunction", (_Recorder,), {})
+    modules["launch.substitutions"].LaunchConfiguration = _LaunchConfiguration
+    modules["launch_ros.actions"].Node = type("Node", (_Recorder,), {})
+    return modules
+
+
+def _load_launch_file(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_fake(monkeypatch: pytest.MonkeyPatch, **overrides: str) -> list[_Recorder]:
+    """generate_launch_description() with recording stand-ins -> the actions it launches."""
+    for name, module in _fake_launch_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    description = _load_launch_file("depth_launch_fake").generate_launch_description()
+    entities = description.args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities
+                if type(e).__name__ == "DeclareLaunchArgument"}
+    assert set(overrides) <= set(declared), f"unknown launch arguments {set(overrides)}"
+    context = types.SimpleNamespace(launch_configurations={**declared, **overrides})
+    (opaque,) = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
+    return opaque.kwargs["function"](context)
+
+
+def test_launch_file_parses_and_names_the_node() -> None:
+    tree = ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+    functions = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in functions
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    assert {"depthkd_ros", "depth_node", "depth.yaml", "depthkd.rviz", "rviz2"} <= strings
+
+
+def test_default_launch_is_one_node_with_params_and_remappings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (node,) = _run_fake(monkeypatch)
+    kw = node.kwargs
+    assert (kw["package"], kw["executable"], kw["name"], kw["namespace"]) == (
+        "depthkd_ros", "depth_node", "depth_node", "")
+    params_file, overrides = kw["parameters"]
+    assert Path(params_file).resolve() == PARAMS_YAML
+    assert overrides == {"input_transport": "raw"}  # model_path comes from the YAML
+    assert kw["remappings"] == [("image", "image"), ("image/compressed", "image/compressed"),
+                                ("camera_info", "camera_info")]
+
+
+def test_several_cameras_with_model_transport_and_rviz(monkeypatch: pytest.MonkeyPatch) -> None:
+    actions = _run_fake(monkeypatch, cameras="front, rear", model_path="/models/s.onnx",
+                        input_transport="compressed", image="image_rect",
+                        camera_info="info", rviz="true", params_file="/etc/depth.yaml")
+    nodes = [a.kwargs for a in actions if a.kwargs["executable"] == "depth_node"]
+    assert [n["namespace"] for n in nodes] == ["front", "rear"]
+    for n in nodes:
+        assert n["parameters"] == ["/etc/depth.yaml", {"input_transport": "compressed",
+                                                       "model_path": "/models/s.onnx"}]
+        assert n["remappings"] == [("image", "image_rect"),
+                                   ("image/compressed", "image_rect/compressed"),
+                                   ("camera_info", "info")]
+    (rviz,) = [a.kwargs for a in actions if a.kwargs["executable"] == "rviz2"]
+    assert rviz["package"] == "rviz2" and rviz["namespace"] == "front"
+    assert rviz["arguments"][0] == "-d" and Path(rviz["arguments"][1]).resolve() == RVIZ
+
+
+def test_launch_for_real_where_launch_ros_exists() -> None:
+    launch_ros_actions = pytest.importorskip("launch_ros.actions")
+    import launch
+    description = _load_launch_file("depth_launch_real").generate_launch_description()
+    context = launch.LaunchContext()
+    context.launch_configurations["cameras"] = "a,b"
+    actions = []
+    for entity in description.entities:
+        if isinstance(entity, launch.actions.OpaqueFunction):
+            actions += entity.execute(context) or []
+        else:
+            entity.execute(context)
+    nodes = [a for a in actions if isinstance(a, launch_ros_actions.Node)]
+    assert len(nodes) == 2
+
+
+def test_yaml_holds_every_parameter_with_its_declared_type_and_default() -> None:
+    pytest.importorskip("rclpy")
+    from depthkd_ros.depth_node import PARAMS
+
+    loaded = yaml.safe_load(PARAMS_YAML.read_text())
+    values = loaded["/**"]["ros__parameters"]
+    assert set(values) == {spec.name for spec in PARAMS}
+    for spec in PARAMS:
+        assert type(values[spec.name]) is type(spec.default), spec.name
+        assert values[spec.name] == spec.default, spec.name
+
+
+def test_yaml_reaches_a_namespaced_node_through_rcl(tmp_path: Path) -> None:
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from depthkd_ros.depth_node import DepthNode
+    from test_inference import write_linear_onnx
+
+    loaded = yaml.safe_load(PARAMS_YAML.read_text())
+    loaded["/**"]["ros__parameters"]["max_depth"] = 7.5
+    params_file = tmp_path / "depth.yaml"
+    params_file.write_text(yaml.safe_dump(loaded))
+    model = write_linear_onnx(tmp_path / "m.onnx", 1.0, 1.0)
+    context = Context()
+    rclpy.init(context=context, domain_id=DOMAIN_ID)
+    try:
+        node = DepthNode(context=context, namespace="front",
+                         cli_args=["--ros-args", "--params-file", str(params_file)],
+                         parameter_overrides=[Parameter("model_path", value=str(model))])
+        assert node.get_parameter("max_depth").value == 7.5
+        assert node.get_parameter("input_reliability").value == "best_effort"
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
+def test_rviz_config_shows_the_node_outputs() -> None:
+    pytest.importorskip("rclpy")
+    from depthkd_ros.depth_node import PARAMS
+
+    config = yaml.safe_load(RVIZ.read_text())
+    manager = config["Visualization Manager"]
+    assert manager["Global Options"]["Fixed Frame"] == "camera_optical_frame"
+    topics = {d["Topic"]["Value"]: (d["Class"], d["Topic"]["Reliability Policy"])
+              for d in manager["Displays"] if "Topic" in d}
+    defaults = {spec.name: spec.default for spec in PARAMS}
+    output = {"reliable": "Reliable", "best_effort": "Best Effort"}[defaults["output_reliability"]]
+    assert topics == {"image": ("rviz_default_plugins/Image", "Best Effort"),
+                      "depth/colored": ("rviz_default_plugins/Image", output),
+                      "points": ("rviz_default_plugins/PointCloud2", output)}
+
+
+def test_doc_lists_every_parameter_and_topic() -> None:
+    pytest.importorskip("rclpy")
+    from depthkd_ros.depth_node import PARAMS
+
+    doc = DOC.read_text()
+    missing = [spec.name for spec in PARAMS if f"`{spec.name}`" not in doc]
+    assert not missing, f"docs/depth_node.md does not describe {missing}"
+    for topic in ("image", "image/compressed", "camera_info", "sparse_depth", "depth",
+                  "depth/camera_info", "depth/colored", "points", "/diagnostics"):
+        assert f"`{topic}`" in doc, topic
