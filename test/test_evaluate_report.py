@@ -1,0 +1,126 @@
+"""evaluate.report and evaluate.profile: fakes with known answers, one real CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from depthkd_core.evaluate.profile import count_macs, count_parameters, measure_latency
+from depthkd_core.evaluate.report import evaluate_model, to_markdown
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
+
+
+def _predict(images: torch.Tensor) -> torch.Tensor:
+    """Fake model: depth = 1 + 4 * red channel."""
+    return 1.0 + 4.0 * images[:, :1]
+
+
+def _sample(seed: int, gt_scale: float | None) -> dict:
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    if gt_scale is None:
+        depth, has = torch.zeros(1, 8, 8), False
+    else:
+        depth, has = _predict(image[None])[0] * gt_scale, True
+    valid = depth > 0
+    valid[0, 0, 0] = False  # an invalid pixel whose value must be ignored
+    depth[0, 0, 0] = 7.0  # in range, so it would change the metrics if used
+    return {"image": image, "depth": depth, "valid": valid, "has_depth": has,
+            "intrinsics": torch.tensor([8.0, 8.0, 3.5, 3.5])}
+
+
+# gt == pred (abs_rel 0), no depth (skipped), gt == pred / 2 (abs_rel 1)
+FAKE = [_sample(0, 1.0), _sample(1, None), _sample(2, 0.5)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_evaluate_model_on_fakes(batch_size):
+    m = evaluate_model(_predict, FAKE, batch_size=batch_size, progress=False)
+    assert m["count"] == 2
+    assert m["abs_rel"] == pytest.approx(0.5, rel=1e-6)
+    assert m["delta1"] == pytest.approx(0.5)
+    first = evaluate_model(_predict, FAKE, limit=1, progress=False)
+    assert first["count"] == 1 and first["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+    aligned = evaluate_model(_predict, FAKE, alignment="median", progress=False)
+    assert aligned["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+    inverse = evaluate_model(lambda x: 1.0 / _predict(x), FAKE, alignment="lsq", inverse=True,
+                             progress=False)
+    assert inverse["abs_rel"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_evaluate_model_errors_and_module_mode():
+    with pytest.raises(ValueError, match="no sample"):
+        evaluate_model(_predict, [FAKE[1]], progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_model(lambda x: x[:, :1, :4], FAKE, progress=False)
+    net = nn.Sequential(nn.Conv2d(3, 1, 1), nn.Softplus())
+    net.train()
+    m = evaluate_model(net, FAKE, progress=False)
+    assert net.training and math.isfinite(m["rmse"])
+
+
+def test_to_markdown_exact():
+    rows = [{"model": "a", "abs_rel": 0.123456, "count": 3},
+            {"model": "b|c", "abs_rel": 1.0, "latency_ms": 12345.6}]
+    assert to_markdown(rows) == (
+        "| model | abs_rel | count | latency_ms |\n"
+        "|---|---:|---:|---:|\n"
+        "| a | 0.1235 | 3 |  |\n"
+        "| b\\|c | 1.0000 |  | 12346 |\n")
+    assert to_markdown(rows, columns=["abs_rel"]) == "| abs_rel |\n|---:|\n| 0.1235 |\n| 1.0000 |\n"
+    with pytest.raises(ValueError):
+        to_markdown([])
+
+
+def test_count_macs_and_parameters_by_hand():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_parameters(conv) == 8 * 3 * 3 * 3 + 8
+    assert count_macs(conv, (1, 3, 16, 16)) == 8 * 16 * 16 * (3 * 3 * 3)
+    depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+    assert count_parameters(depthwise) == 8 * 9
+    assert count_macs(depthwise, (2, 8, 16, 16)) == 2 * 8 * 8 * 8 * 9
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    assert count_macs(linear, (4, 3, 2, 2)) == 4 * 12 * 5
+    with pytest.raises(ValueError, match="input_shape"):
+        count_macs(conv, (3, 16, 16))
+
+
+def test_measure_latency_keys_and_mode():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5))
+    net.train()
+    lat = measure_latency(net, (1, 3, 16, 16), warmup=1, runs=5)
+    assert set(lat) == {"mean_ms", "median_ms", "p90_ms"}
+    assert 0.0 < lat["median_ms"] <= lat["p90_ms"] and net.training
+    with pytest.raises(ValueError, match="runs"):
+        measure_latency(net, (1, 3, 16, 16), runs=0)
+
+
+def test_cli_evaluate_real_fastdepth(tmp_path, capsys):
+    pytest.importorskip("depthkd_core.models.teachers")
+    simulator = pytest.importorskip("depthkd_core.data.simulator")
+    data = pytest.importorskip("depthkd_core.data")
+    if not hasattr(data, "build_reader") or not hasattr(data, "DepthDataset"):
+        pytest.skip("depthkd_core.data does not provide build_reader/DepthDataset yet")
+    if not FASTDEPTH.is_file():
+        pytest.skip(f"real model not found: {FASTDEPTH}")
+    from depthkd_core.cli import main
+
+    root = simulator.write_dataset(tmp_path / "sim", "target", n=3, height=120, width=160)
+    out_json, out_md = tmp_path / "r" / "row.json", tmp_path / "r" / "table.md"
+    code = main(["evaluate", "--model", str(FASTDEPTH), "--data", str(root), "--reader", "sim",
+                 "--height", "224", "--width", "224", "--latency-runs", "2", "--no-progress",
+                 "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    row = json.loads(out_json.read_text())
+    assert row["count"] == 3 and row["alignment"] in ("none", "lsq")
+    assert all(math.isfinite(row[k]) for k in ("abs_rel", "rmse", "silog", "latency_ms"))
+    assert 0.0 <= row["delta1"] <= row["delta2"] <= row["delta3"] <= 1.0
+    assert "params_M" not in row  # ONNX: no torch module to count
+    table = out_md.read_text()
+    assert "abs_rel" in table and table in capsys.readouterr().out
