@@ -1,12 +1,16 @@
-"""YAML -> dataclasses: safe_load only, unknown keys rejected, CLI overrides.
+"""YAML -> dataclasses: safe loading only, unknown keys rejected, CLI overrides.
 
-Overrides use dotted paths: ``train.lr=1e-3 model.encoder=resnet18``; values are
+Overrides use dotted paths: ``optim.lr=1e-3 model.encoder=resnet18``; values are
 parsed as YAML scalars so numbers, booleans and null behave as in the file.
+Unlike plain ``yaml.safe_load`` (YAML 1.1), exponent floats without a dot such
+as ``1e-3`` load as floats, not strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,43 +21,88 @@ import yaml
 C = TypeVar("C")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3``/``5E4`` as floats (YAML 1.2 style)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with the safe loader above (no tags that run code)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
 def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+    args = [a for a in _union_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 else tp
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Type check for plain scalar fields; containers and other types pass."""
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    tp = _unwrap_optional(hint)
+    if _is_dataclass_type(tp):
+        if value is None and type(None) not in _union_args(hint):
+            value = {}  # an empty YAML section (``model:``) means all defaults
+        if isinstance(value, dict):
+            return from_dict(tp, value, where)
+        if value is not None:
+            raise ValueError(f"config key {where} must be a mapping, got {value!r}")
+        return value
+    if not any(_matches(value, arg) for arg in _union_args(hint)):
+        raise ValueError(f"config key {where} has the wrong type: {value!r} is not {hint}")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def from_dict(cls: type[C], data: dict[str, Any] | None, path: str = "") -> C:
     """Build dataclass ``cls`` from a nested dict, recursing into dataclass fields."""
     data = dict(data or {})
-    hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    where = path or cls.__name__
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = path or cls.__name__
         raise ValueError(f"unknown config key(s) in {where}: {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(names))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        tp = _unwrap_optional(hints[name])
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, f"{path}.{name}" if path else name)
-        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+                         f"allowed: {', '.join(sorted(fields))}")
+    missing = sorted(name for name, f in fields.items() if name not in data
+                     and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"missing required config key(s) in {where}: {', '.join(missing)}")
+    kwargs = {name: _convert(value, hints[name], f"{path}.{name}" if path else name)
+              for name, value in data.items()}
     return cls(**kwargs)
 
 
@@ -64,16 +113,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings to a nested dict (in place) and return it."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        node = data
+        key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"override '{item}' is not of the form key=value")
+        node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw)
     return data
 
 
@@ -85,7 +136,7 @@ def load_config(cls: type[C], path: str | Path | None = None,
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = parse_yaml(path.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config {path} must be a mapping at the top level")
         data = loaded or {}
@@ -94,4 +145,8 @@ def load_config(cls: type[C], path: str | Path | None = None,
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
