@@ -42,7 +42,7 @@ setup(
         (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
     ],
     python_requires=">=3.10",
-    install_requires=["numpy", "opencv-python-headless", "onnxruntime", "pyyaml", "setuptools"],
+    install_requires=["numpy", "opencv-python-headless", "onnxruntime", "pyyaml", "tqdm", "setuptools"],
     extras_require={
         "training": TRAINING + DATA,
         "data": DATA,

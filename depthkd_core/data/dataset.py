@@ -1,0 +1,86 @@
+"""``DepthDataset``: any reader's frames as fixed-size torch tensors for training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from depthkd_core.data.frame import Frame
+
+
+def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize with pixel-centre alignment (as ``Intrinsics.scaled``).
+
+    Every output value is one of the input's, so no depth is invented across an
+    object edge and labels stay labels.
+    """
+    h, w = array.shape[:2]
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return array[rows[:, None], cols[None, :]]
+
+
+def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    shrink = height * width < rgb.shape[0] * rgb.shape[1]
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink
+                      else cv2.INTER_LINEAR)
+
+
+def _colour_jitter(image: torch.Tensor, strength: float = 0.2) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by U(1 - strength, 1 + strength)."""
+    b, c, s = (1 + strength * (2 * torch.rand(3) - 1)).tolist()
+    image = image * b
+    grey = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+    image = (image - grey.mean()) * c + grey.mean()
+    grey = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+    image = (image - grey) * s + grey
+    return image.clamp(0.0, 1.0)
+
+
+class DepthDataset(Dataset):
+    """Frames of ``reader`` resized to ``height`` x ``width``, as a dict of tensors:
+
+    image (3,H,W) float [0,1]; depth (1,H,W) float metres, 0 invalid (zeros without
+    depth); valid (1,H,W) bool; semantic (H,W) int64, -1 without labels;
+    intrinsics (4,) float fx fy cx cy for the resized image (zeros when unknown);
+    has_depth bool. ``augment``: horizontal flip (cx mirrored) and mild colour
+    jitter, drawn from torch's RNG so ``torch.manual_seed`` makes them repeatable.
+    """
+
+    def __init__(self, reader: Sequence[Frame], height: int, width: int,
+                 augment: bool = False) -> None:
+        if height <= 0 or width <= 0:
+            raise ValueError(f"DepthDataset size must be positive, got {width}x{height}")
+        if len(reader) == 0:
+            raise ValueError(f"DepthDataset: reader {type(reader).__name__} has no frames")
+        self.reader, self.height, self.width, self.augment = reader, height, width, augment
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        frame = self.reader[index]
+        h, w = self.height, self.width
+        image = torch.from_numpy(resize_rgb(frame.rgb, h, w)).permute(2, 0, 1).float() / 255.0
+        has_depth = frame.depth is not None
+        depth = (torch.from_numpy(resize_nearest(frame.depth, h, w).copy())[None] if has_depth
+                 else torch.zeros(1, h, w))
+        semantic = (torch.from_numpy(resize_nearest(frame.semantic, h, w).astype(np.int64))
+                    if frame.semantic is not None else torch.full((h, w), -1, dtype=torch.int64))
+        K = frame.intrinsics
+        intrinsics = (torch.tensor(K.scaled(w, h).as_tuple(), dtype=torch.float32)
+                      if K is not None else torch.zeros(4))
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                image, depth, semantic = image.flip(-1), depth.flip(-1), semantic.flip(-1)
+                if K is not None:
+                    intrinsics[2] = (w - 1) - intrinsics[2]
+            image = _colour_jitter(image)
+        return {"image": image, "depth": depth, "valid": depth > 0, "semantic": semantic,
+                "intrinsics": intrinsics, "has_depth": torch.tensor(has_depth)}

@@ -1,0 +1,302 @@
+"""Procedural indoor scenes: a box room with furniture built from primitives.
+
+World frame: z up, the room spans ``[0, size]`` on each axis (floor at z = 0).
+Primitives are axis-aligned boxes, spheres and vertical cylinders; a piece of
+furniture is several primitives sharing one instance id and class.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from depthkd_core.data.styles import CLASS_IDS, SceneStyle, Weights
+from depthkd_core.geometry import Intrinsics
+
+N_ROOM_FACES = 6  # parts 0..5: walls x=0, x=X, y=0, y=Y, then floor, ceiling
+_GAP = 0.15       # free space kept between pieces of furniture, metres
+
+
+@dataclass(frozen=True)
+class Material:
+    """A solid procedural texture: ``kind`` mixes ``colour_a`` and ``colour_b``."""
+
+    kind: str
+    colour_a: tuple[float, float, float]
+    colour_b: tuple[float, float, float]
+    scale: float                          # cycles per metre
+    axis: tuple[float, float, float]      # stripe normal / wood grain direction
+    offset: tuple[float, float, float]    # pattern phase, metres
+    seed: int
+
+
+@dataclass
+class Scene:
+    """Primitives in part order: 6 room faces, boxes, spheres, cylinders."""
+
+    size: np.ndarray            # (3,) room extent
+    box_lo: np.ndarray          # (K, 3)
+    box_hi: np.ndarray          # (K, 3)
+    spheres: np.ndarray         # (S, 4) centre xyz, radius
+    cylinders: np.ndarray       # (C, 5) centre x, y, radius, z bottom, z top
+    part_class: np.ndarray      # (P,) semantic class id
+    part_instance: np.ndarray   # (P,) instance id, 1-based
+    part_material: np.ndarray   # (P,) index into materials
+    materials: list[Material]
+    light: np.ndarray           # point: position; directional: unit vector to the light
+    footprints: np.ndarray      # (F, 4) x0, y0, x1, y1 of everything on the floor
+
+
+@dataclass(frozen=True)
+class CameraPose:
+    """Camera centre in the world; yaw about +z from +x; pitch > 0 looks down (radians)."""
+
+    position: tuple[float, float, float]
+    yaw: float
+    pitch: float
+
+    def rotation(self) -> np.ndarray:
+        """Camera-to-world rotation; columns are the camera's x (right), y (down), z (forward)."""
+        cy, sy = math.cos(self.yaw), math.sin(self.yaw)
+        cp, sp = math.cos(self.pitch), math.sin(self.pitch)
+        forward = np.array([cy * cp, sy * cp, -sp])
+        right = np.array([sy, -cy, 0.0])
+        return np.stack([right, np.cross(forward, right), forward], axis=1)
+
+
+def _choose(rng: np.random.Generator, weights: Weights) -> str:
+    keys = [k for k, _ in weights]
+    p = np.array([w for _, w in weights], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(rng.uniform(bounds[0], bounds[1]))
+
+
+class _Builder:
+    """Accumulates primitives and their labels, then freezes them into a ``Scene``."""
+
+    def __init__(self, style: SceneStyle, rng: np.random.Generator) -> None:
+        self.style, self.rng = style, rng
+        self.boxes: list[tuple[np.ndarray, np.ndarray, int, int, int]] = []
+        self.spheres: list[tuple[list[float], int, int, int]] = []
+        self.cylinders: list[tuple[list[float], int, int, int]] = []
+        self.materials: list[Material] = []
+
+    def colour(self, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
+        rgb = colorsys.hsv_to_rgb(self.rng.uniform(), _uniform(self.rng, saturation),
+                                  _uniform(self.rng, value))
+        return tuple(float(c) for c in rgb)
+
+    def material(self, textures: Weights, wall: bool = False) -> int:
+        s = self.style
+        sat, val, contrast = ((s.wall_saturation, s.wall_value, s.wall_contrast) if wall
+                              else (s.saturation, s.value, s.contrast))
+        kind = _choose(self.rng, textures)
+        a = self.colour(sat, val)
+        if kind in ("checker", "stripes"):   # two palette colours
+            b = self.colour(sat, val)
+        else:                                # one colour, darker grain or blotches
+            b = tuple(c * _uniform(self.rng, contrast) for c in a)
+        heading = self.rng.uniform(0, 2 * math.pi)
+        axis = np.array([math.cos(heading), math.sin(heading), self.rng.uniform(-0.2, 0.2)])
+        self.materials.append(Material(
+            kind=kind, colour_a=a, colour_b=b, scale=_uniform(self.rng, s.texture_scale),
+            axis=tuple(float(x) for x in axis / np.linalg.norm(axis)),
+            offset=tuple(float(x) for x in self.rng.uniform(0, 10, 3)),
+            seed=int(self.rng.integers(2**31))))
+        return len(self.materials) - 1
+
+    def box(self, lo: list[float], hi: list[float], cls: str, inst: int, mat: int) -> None:
+        self.boxes.append((np.asarray(lo, float), np.asarray(hi, float), CLASS_IDS[cls], inst, mat))
+
+    def build(self, size: np.ndarray, room_materials: list[int], light: np.ndarray,
+              footprints: list[np.ndarray]) -> Scene:
+        room_class = [CLASS_IDS["wall"]] * 4 + [CLASS_IDS["floor"], CLASS_IDS["ceiling"]]
+        labels = ([(c, i + 1, m) for i, (c, m) in enumerate(zip(room_class, room_materials))]
+                  + [b[2:] for b in self.boxes] + [s[1:] for s in self.spheres]
+                  + [c[1:] for c in self.cylinders])
+        cls, inst, mat = (np.array(col, dtype=np.int32) for col in zip(*labels))
+        return Scene(
+            size=size,
+            box_lo=np.array([b[0] for b in self.boxes]).reshape(-1, 3),
+            box_hi=np.array([b[1] for b in self.boxes]).reshape(-1, 3),
+            spheres=np.array([s[0] for s in self.spheres], dtype=float).reshape(-1, 4),
+            cylinders=np.array([c[0] for c in self.cylinders], dtype=float).reshape(-1, 5),
+            part_class=cls, part_instance=inst, part_material=mat, materials=self.materials,
+            light=light, footprints=np.array(footprints, dtype=float).reshape(-1, 4))
+
+
+_SIZES: dict[str, tuple[tuple[float, float], ...]] = {   # metres, before style scaling
+    "table": ((0.8, 1.6), (0.6, 1.0), (0.7, 0.78)),          # width (x), depth (y), height
+    "shelf": ((0.8, 1.6), (0.3, 0.45), (1.6, 2.1)),
+    "bed": ((1.4, 1.8), (1.9, 2.1), (0.45, 0.55)),
+    "cabinet": ((0.4, 1.2), (0.4, 0.7), (0.5, 1.3)),
+    "sphere": ((0.24, 0.7),),                                 # diameter
+    "cylinder": ((0.24, 0.6), (0.3, 1.2)),                    # diameter, height
+}
+
+
+def _furniture_size(kind: str, rng: np.random.Generator, scale: float) -> tuple[float, ...]:
+    """Width (x), depth (y), height in metres, before a random 90 degree turn."""
+    d = [rng.uniform(*bounds) * scale for bounds in _SIZES[kind]]
+    if kind == "sphere":
+        return d[0], d[0], d[0]
+    if kind == "cylinder":
+        return d[0], d[0], d[1]
+    return tuple(d)
+
+
+def _place(rng: np.random.Generator, size: np.ndarray, w: float, d: float, snap: bool,
+           taken: list[np.ndarray]) -> np.ndarray | None:
+    """A free floor rectangle (x0, y0, x1, y1) of w x d, against a wall if ``snap``."""
+    if w > size[0] - 0.1 or d > size[1] - 0.1:
+        return None
+    for _ in range(40):
+        x0, y0 = rng.uniform(0.05, size[0] - w - 0.05), rng.uniform(0.05, size[1] - d - 0.05)
+        if snap:
+            wall = rng.integers(4)
+            x0 = [0.02, size[0] - w - 0.02, x0, x0][wall]
+            y0 = [y0, y0, 0.02, size[1] - d - 0.02][wall]
+        rect = np.array([x0, y0, x0 + w, y0 + d])
+        if not taken:
+            return rect
+        t = np.array(taken)
+        overlap = ((rect[0] < t[:, 2] + _GAP) & (t[:, 0] < rect[2] + _GAP)
+                   & (rect[1] < t[:, 3] + _GAP) & (t[:, 1] < rect[3] + _GAP))
+        if not overlap.any():
+            return rect
+    return None
+
+
+def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.ndarray,
+                   inst: int) -> None:
+    """Primitives of one piece of furniture on footprint ``r`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = r
+    mat = b.material(b.style.object_textures)
+    if kind == "sphere":
+        b.spheres.append(([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (x1 - x0) / 2],
+                          CLASS_IDS[kind], inst, mat))
+    elif kind == "cylinder":
+        b.cylinders.append(([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, 0.0, h],
+                            CLASS_IDS[kind], inst, mat))
+    elif kind == "cabinet":
+        b.box([x0, y0, 0], [x1, y1, h], kind, inst, mat)
+    elif kind == "table":
+        leg, top = 0.06, 0.04
+        b.box([x0, y0, h - top], [x1, y1, h], kind, inst, mat)
+        for lx, ly in ((x0, y0), (x1 - leg, y0), (x0, y1 - leg), (x1 - leg, y1 - leg)):
+            b.box([lx, ly, 0], [lx + leg, ly + leg, h - top], kind, inst, mat)
+    elif kind == "shelf":
+        _add_shelf(b, r, min(h, room[2] - 0.2), room, inst, mat)
+    else:
+        _add_bed(b, r, h, room, inst, mat)
+
+
+def _add_shelf(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
+               mat: int) -> None:
+    """Back panel on the long side nearer a wall, two side panels and 3-5 boards."""
+    x0, y0, x1, y1 = r
+    t = 0.03
+    if (x1 - x0) >= (y1 - y0):
+        by = y0 if y0 < room[1] - y1 else y1 - t
+        b.box([x0, by, 0], [x1, by + t, h], "shelf", inst, mat)
+        for sx in (x0, x1 - t):
+            b.box([sx, y0, 0], [sx + t, y1, h], "shelf", inst, mat)
+    else:
+        bx = x0 if x0 < room[0] - x1 else x1 - t
+        b.box([bx, y0, 0], [bx + t, y1, h], "shelf", inst, mat)
+        for sy in (y0, y1 - t):
+            b.box([x0, sy, 0], [x1, sy + t, h], "shelf", inst, mat)
+    for z in np.linspace(0.05, h - t, int(b.rng.integers(3, 6))):
+        b.box([x0, y0, z], [x1, y1, z + t], "shelf", inst, mat)
+
+
+def _add_bed(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
+             mat: int) -> None:
+    """Frame, mattress, headboard at the short end nearer a wall, and a pillow."""
+    x0, y0, x1, y1 = r
+    sheet = b.material(b.style.object_textures)
+    b.box([x0, y0, 0], [x1, y1, 0.55 * h], "bed", inst, mat)
+    b.box([x0 + 0.03, y0 + 0.03, 0.55 * h], [x1 - 0.03, y1 - 0.03, h], "bed", inst, sheet)
+    board, top, ph = 0.08, 2.0 * h, 0.12
+    if (x1 - x0) > (y1 - y0):   # long along x: headboard on an x end
+        end = x0 if x0 < room[0] - x1 else x1 - board
+        b.box([end, y0, 0], [end + board, y1, top], "bed", inst, mat)
+        px = end + board + 0.05 if end == x0 else end - 0.45
+        b.box([px, y0 + 0.2, h], [px + 0.4, y1 - 0.2, h + ph], "bed", inst, sheet)
+    else:
+        end = y0 if y0 < room[1] - y1 else y1 - board
+        b.box([x0, end, 0], [x1, end + board, top], "bed", inst, mat)
+        py = end + board + 0.05 if end == y0 else end - 0.45
+        b.box([x0 + 0.2, py, h], [x1 - 0.2, py + 0.4, h + ph], "bed", inst, sheet)
+
+
+def make_scene(style: SceneStyle, rng: np.random.Generator) -> Scene:
+    """A random room of ``style``: walls, floor, ceiling, furniture and one light."""
+    size = np.array([_uniform(rng, style.room_size), _uniform(rng, style.room_size),
+                     _uniform(rng, style.room_height)])
+    b = _Builder(style, rng)
+    wall = b.material(style.wall_textures, wall=True)
+    room_materials = [wall] * 4 + [b.material(style.floor_textures),
+                                   b.material((("flat", 1.0),), wall=True)]
+    taken: list[np.ndarray] = []
+    for _ in range(int(rng.integers(style.n_objects[0], style.n_objects[1] + 1))):
+        kind = _choose(rng, style.furniture)
+        w, d, h = _furniture_size(kind, rng, _uniform(rng, style.size_scale))
+        if rng.uniform() < 0.5:
+            w, d = d, w
+        rect = _place(rng, size, w, d, kind in ("shelf", "bed", "cabinet"), taken)
+        if rect is not None:
+            _add_furniture(b, kind, rect, h, size, inst=N_ROOM_FACES + 1 + len(taken))
+            taken.append(rect)
+    if style.light == "point":
+        light = np.array([size[0] * rng.uniform(0.3, 0.7), size[1] * rng.uniform(0.3, 0.7),
+                          size[2] - 0.15])
+    else:
+        az, el = rng.uniform(0, 2 * math.pi), rng.uniform(math.radians(35), math.radians(70))
+        light = np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
+    return b.build(size, room_materials, light, taken)
+
+
+def clearance(scene: Scene, xy: np.ndarray) -> np.ndarray:
+    """Horizontal distance from each point (N, 2) to the nearest wall or furniture footprint."""
+    walls = np.minimum(xy, scene.size[:2] - xy).min(axis=1)
+    if len(scene.footprints) == 0:
+        return walls
+    f = scene.footprints[None]
+    dx = np.maximum(np.maximum(f[..., 0] - xy[:, :1], xy[:, :1] - f[..., 2]), 0)
+    dy = np.maximum(np.maximum(f[..., 1] - xy[:, 1:], xy[:, 1:] - f[..., 3]), 0)
+    return np.minimum(walls, np.hypot(dx, dy).min(axis=1))
+
+
+def sample_pose(scene: Scene, rng: np.random.Generator, margin: float = 0.6) -> CameraPose:
+    """A camera at least ``margin`` from walls and furniture (or as far as the room allows),
+    1.1-1.6 m high, aimed (with 15 and 5 degree jitter) at a point 0.3-1.0 m above the
+    floor inside a piece of furniture (or, one time in ten, anywhere in the room);
+    pitch is kept within 5 degrees up to 30 down, so the view stays roughly level."""
+    xy = rng.uniform(0, 1, (256, 2)) * scene.size[:2]
+    free = clearance(scene, xy)
+    ok = np.flatnonzero(free >= margin)
+    x, y = xy[ok[0]] if len(ok) else xy[np.argmax(free)]
+    z = _uniform(rng, (1.1, 1.6))
+    tx, ty = rng.uniform(0, 1, 2) * scene.size[:2]
+    if len(scene.footprints) and rng.uniform() < 0.9:
+        f = scene.footprints[rng.integers(len(scene.footprints))]
+        tx, ty = rng.uniform(f[0], f[2]), rng.uniform(f[1], f[3])
+    yaw = math.atan2(ty - y, tx - x) + rng.normal(0, math.radians(15))
+    down = math.atan2(z - rng.uniform(0.3, 1.0), math.hypot(tx - x, ty - y))
+    pitch = np.clip(down + rng.normal(0, math.radians(5)), math.radians(-5), math.radians(30))
+    return CameraPose(position=(float(x), float(y), z), yaw=float(yaw), pitch=float(pitch))
+
+
+def sample_intrinsics(style: SceneStyle, rng: np.random.Generator, width: int,
+                      height: int) -> Intrinsics:
+    """Square pixels, principal point at the image centre, fx = style.focal * width."""
+    f = _uniform(rng, style.focal) * width
+    return Intrinsics(fx=f, fy=f, cx=(width - 1) / 2, cy=(height - 1) / 2, width=width,
+                      height=height)

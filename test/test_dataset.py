@@ -1,0 +1,91 @@
+"""DepthDataset: the contract dict, nearest-neighbour depth, intrinsics, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from depthkd_core.data import DepthDataset, Frame, build_reader, write_dataset
+from depthkd_core.data.dataset import resize_nearest
+from depthkd_core.geometry import Intrinsics
+
+K = Intrinsics(fx=50.0, fy=52.0, cx=30.0, cy=20.0, width=64, height=48)
+
+
+def _frame(with_labels: bool = True) -> Frame:
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    depth = np.full((48, 64), 1.0, dtype=np.float32)
+    depth[:, 32:] = 3.0            # an object edge: no 2.0 may appear after resizing
+    depth[:4, :4] = 0.0            # invalid corner
+    semantic = np.zeros((48, 64), dtype=np.int32)
+    semantic[:, 32:] = 5
+    return Frame(rgb=rgb, depth=depth if with_labels else None,
+                 intrinsics=K if with_labels else None,
+                 semantic=semantic if with_labels else None, name="f")
+
+
+def test_resize_nearest_uses_pixel_centres():
+    np.testing.assert_array_equal(resize_nearest(np.arange(8)[None], 1, 4), [[1, 3, 5, 7]])
+    np.testing.assert_array_equal(resize_nearest(np.arange(2)[None], 1, 4), [[0, 0, 1, 1]])
+
+
+def test_item_matches_contract():
+    item = DepthDataset([_frame()], 24, 32)[0]
+    assert item["image"].shape == (3, 24, 32) and item["image"].dtype == torch.float32
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["depth"].shape == (1, 24, 32) and item["valid"].dtype == torch.bool
+    assert set(item["depth"].unique().tolist()) == {0.0, 1.0, 3.0}
+    assert torch.equal(item["valid"], item["depth"] > 0)
+    assert item["valid"][0, :2, :2].sum() == 0 and item["valid"].sum() == 24 * 32 - 4
+    assert item["semantic"].dtype == torch.int64 and item["semantic"][0, 31] == 5
+    # 64x48 -> 32x24: fx/2, cx' = (cx + 0.5) / 2 - 0.5
+    torch.testing.assert_close(item["intrinsics"], torch.tensor([25.0, 26.0, 14.75, 9.75]))
+    assert bool(item["has_depth"])
+
+
+def test_frame_without_labels():
+    item = DepthDataset([_frame(with_labels=False)], 24, 32)[0]
+    assert not bool(item["has_depth"])
+    assert torch.equal(item["depth"], torch.zeros(1, 24, 32)) and not item["valid"].any()
+    assert torch.equal(item["semantic"], torch.full((24, 32), -1))
+    assert torch.equal(item["intrinsics"], torch.zeros(4))
+
+
+def test_augment_is_seeded_and_flip_mirrors_cx():
+    ds, plain = DepthDataset([_frame()], 24, 32, augment=True), DepthDataset([_frame()], 24, 32)[0]
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = ds[0]
+        torch.manual_seed(seed)
+        b = ds[0]
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        flipped = not torch.equal(a["depth"], plain["depth"])
+        flips.add(flipped)
+        if flipped:
+            assert torch.equal(a["depth"], plain["depth"].flip(-1))
+            assert torch.equal(a["semantic"], plain["semantic"].flip(-1))
+            assert a["intrinsics"][2] == pytest.approx(31 - 14.75)
+        else:
+            assert a["intrinsics"][2] == pytest.approx(14.75)
+        assert not torch.equal(a["image"], plain["image"])           # colour jitter
+        assert (a["image"] - plain["image"].flip(-1) if flipped
+                else a["image"] - plain["image"]).abs().mean() < 0.2    # but mild
+    assert flips == {True, False}
+
+
+def test_simulated_folder_through_dataloader(tmp_path):
+    root = write_dataset(tmp_path / "sim", "target", 2, height=48, width=64, seed=0, workers=1)
+    ds = DepthDataset(build_reader("sim", root), 32, 32)
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["has_depth"].all()
+    assert batch["valid"].all() and (batch["semantic"] >= 0).all()
+    assert batch["intrinsics"][:, 0].gt(0).all()
+
+
+def test_bad_size():
+    with pytest.raises(ValueError, match="0x24"):
+        DepthDataset([_frame()], 24, 0)
