@@ -1,0 +1,53 @@
+"""ModelConfig: everything needed to rebuild a DepthNet (stored in checkpoints)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BIN_LAYOUTS = ("log", "linear")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a DepthNet.
+
+    name: registry key in ``MODELS`` ("student" light decoder, "teacher" U-Net).
+    encoder: timm model name (always built with ``pretrained=False``).
+    head: registry key in ``HEADS`` ("direct", "bins", "dpm").
+    min_depth, max_depth: metric output range in metres (all heads are bounded).
+    num_bins: K for the "bins" (AdaBins) and "dpm" (TIE-KD) heads.
+    bin_layout: DPM bin centre spacing, "log" (TIE-KD default) or "linear".
+    decoder_channels: output channels of each decoder stage (strides 16, 8, 4, 2);
+        None uses the registry entry's default.
+    pretrained: local timm-format weights of the encoder (.pth/.safetensors).
+    input_size: (H, W) the encoder is built for; needed by ViT encoders (fixed
+        position embeddings) and used as Swin's reference size; None = any size.
+    """
+
+    name: str = "student"
+    encoder: str = "mobilenetv2_100"
+    head: str = "direct"
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    num_bins: int = 64
+    bin_layout: str = "log"
+    decoder_channels: tuple[int, ...] | None = None
+    pretrained: str | None = None
+    input_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_depth < self.max_depth:
+            raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={self.min_depth}, "
+                             f"max_depth={self.max_depth}")
+        if self.num_bins < 2:
+            raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
+        if self.bin_layout not in BIN_LAYOUTS:
+            raise ValueError(f"bin_layout must be one of {BIN_LAYOUTS}, got '{self.bin_layout}'")
+        if self.decoder_channels is not None:
+            self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+            if not self.decoder_channels or min(self.decoder_channels) < 1:
+                raise ValueError(f"decoder_channels must be positive, got {self.decoder_channels}")
+        if self.input_size is not None:
+            if len(self.input_size) != 2 or min(self.input_size) < 32:
+                raise ValueError(f"input_size must be (H, W) >= 32, got {self.input_size}")
+            self.input_size = (int(self.input_size[0]), int(self.input_size[1]))

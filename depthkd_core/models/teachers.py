@@ -1,0 +1,219 @@
+"""Teachers: any depth predictor behind one call, ``teacher(images) -> depth``.
+
+``images`` are (B,3,H,W) RGB in [0,1]; the result is (B,1,H,W) at the input
+size. Torch teachers are frozen (eval, no parameter grads) but keep the graph
+to their input, so methods that need d(teacher)/d(image) (DFAD) can use them;
+wrap calls in ``torch.no_grad()`` otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B,C,H,W); antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] * size[1] < x.shape[-2] * x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def round_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Nearest (H, W) that are positive multiples of ``multiple``."""
+    return (max(multiple, round(height / multiple) * multiple),
+            max(multiple, round(width / multiple) * multiple))
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for param in module.parameters():  # ScriptModules lack requires_grad_()
+        param.requires_grad_(False)
+    return module
+
+
+class Teacher:
+    """Base: subclasses set the attributes and implement ``_predict`` at a size
+    they choose; ``__call__`` validates the input and resizes the output back."""
+
+    name: str = "teacher"
+    is_metric: bool = True
+    # Relative models that predict inverse depth (disparity), e.g. DPT/Depth Anything.
+    is_inverse: bool = False
+    differentiable: bool = True
+    module: nn.Module | None = None
+    input_size: tuple[int, int] | None = None
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _model_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.input_size or round_size(height, width, 32)
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"teacher '{self.name}' expects float images (B,3,H,W), "
+                             f"got {images.dtype} {tuple(images.shape)}")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        depth = self._predict(resize(images, self._model_size(*size)))
+        if depth.dim() == 3:
+            depth = depth.unsqueeze(1)
+        return resize(depth, size)
+
+    def to(self, device: str | torch.device) -> "Teacher":
+        if self.module is not None:
+            self.module.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, is_metric={self.is_metric}, "
+                f"is_inverse={self.is_inverse}, differentiable={self.differentiable})")
+
+
+class CheckpointTeacher(Teacher):
+    """A depthkd checkpoint (metric DepthNet)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        model, cfg, _ = load_checkpoint(path, map_location=device)
+        self.module = _freeze(model)
+        self.name = f"{Path(path).name} ({cfg.name}/{cfg.encoder}/{cfg.head})"
+        self.input_size = model.encoder.fixed_size
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """TorchScript archives are zips holding ``constants.pkl`` and ``code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist())
+
+
+class TorchScriptTeacher(Teacher):
+    """A TorchScript module taking RGB [0,1] (B,3,H,W), returning depth (B,[1,]h,w)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", is_metric: bool = True,
+                 input_size: tuple[int, int] | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript teacher not found: {path}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            try:
+                module = torch.jit.load(str(path), map_location=device)
+            except Exception as exc:
+                raise ValueError(f"not a TorchScript model {path}: {exc}") from None
+        self.module = _freeze(module)
+        self.name, self.is_metric, self.input_size = path.name, is_metric, input_size
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+
+class OnnxTeacher(Teacher):
+    """An ONNX depth model through ONNX Runtime: metric, no gradients, no module."""
+
+    differentiable = False
+
+    def __init__(self, path: str | Path, providers: str = "auto", is_metric: bool = True) -> None:
+        from ..export.runtime import OnnxDepthModel
+
+        self.model = OnnxDepthModel(path, providers)
+        self.name, self.is_metric = Path(path).name, is_metric
+        self.input_size = self.model.input_size
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().to("cpu", torch.float32).numpy()
+        return torch.from_numpy(self.model.predict_batch(x)).to(images.device)
+
+
+class CachedTeacher(Teacher):
+    """Caches a teacher's depth per image on disk (``<hash>.npy``).
+
+    The key hashes the teacher name, the image shape and its float32 bytes, so
+    a repeated image hits regardless of batch composition. Cached outputs carry
+    no graph (differentiable False); BN hooks on ``module`` see only misses.
+    """
+
+    differentiable = False
+
+    def __init__(self, teacher: Teacher, cache_dir: str | Path) -> None:
+        self.teacher = teacher
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.is_metric, self.is_inverse = teacher.name, teacher.is_metric, teacher.is_inverse
+        self.module, self.input_size = teacher.module, teacher.input_size
+        self.hits = self.misses = 0
+
+    def _key(self, image: torch.Tensor) -> Path:
+        data = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        digest = hashlib.sha256(f"{self.teacher.name}|{data.shape}|".encode())
+        digest.update(data.tobytes())
+        return self.cache_dir / f"{digest.hexdigest()[:40]}.npy"
+
+    def _store(self, path: Path, depth: np.ndarray) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=self.cache_dir)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, depth)
+        os.replace(tmp, path)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images)
+        keys = [self._key(img) for img in images]
+        cached = [np.load(k) if k.is_file() else None for k in keys]
+        todo = [i for i, c in enumerate(cached) if c is None]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            with torch.no_grad():
+                fresh = self.teacher(images[todo]).to("cpu", torch.float32).numpy()
+            for i, depth in zip(todo, fresh):
+                self._store(keys[i], depth)
+                cached[i] = depth
+        return torch.from_numpy(np.stack(cached)).to(images.device)
+
+
+def load_teacher(source: str | Path, device: str | torch.device = "cpu", providers: str = "auto",
+                 is_metric: bool | None = None, cache_dir: str | Path | None = None) -> Teacher:
+    """Open a teacher by path: Hugging Face folder (config.json), ``.onnx``,
+    TorchScript archive or depthkd checkpoint; ``cache_dir`` wraps it in a
+    CachedTeacher. ``is_metric`` overrides the default for ONNX/TorchScript."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher not found: {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"teacher folder {path} has no config.json "
+                             "(expected a Hugging Face depth-estimation model folder)")
+        from .hf_teacher import HuggingFaceTeacher
+
+        teacher: Teacher = HuggingFaceTeacher(path, device=device)
+    elif path.suffix.lower() == ".onnx":
+        teacher = OnnxTeacher(path, providers, True if is_metric is None else is_metric)
+    elif is_torchscript(path):
+        teacher = TorchScriptTeacher(path, device, True if is_metric is None else is_metric)
+    else:
+        try:
+            teacher = CheckpointTeacher(path, device)
+        except ValueError as exc:
+            raise ValueError(f"cannot load teacher {path}: tried a Hugging Face folder, ONNX "
+                             f"(.onnx), TorchScript (not a TorchScript archive) and a depthkd "
+                             f"checkpoint ({exc})") from None
+    return CachedTeacher(teacher, cache_dir) if cache_dir is not None else teacher
