@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py requirements-lock.txt 2>/dev/null | sha1sum | cut -c1-12)
 PYTHON ?= python3
 
-.PHONY: venv test test-slow demo bench-node clean
+.PHONY: venv test test-slow demo demo-assets bench-node clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,16 @@ test-slow: venv
 
 demo: venv
 	$(VENV)/bin/depthkd demo --out demo_output
+
+# Regenerates the packaged demo sequence and student end to end with the project's
+# own pipeline (about 40 minutes on 2 CPU cores): simulate -> train -> export.
+demo-assets: venv
+	rm -rf depthkd_ros/demo_data
+	$(VENV)/bin/depthkd simulate --style target --n 30 --sequence --seed 8 --out depthkd_ros/demo_data --workers 1
+	$(VENV)/bin/depthkd simulate --style target --n 3000 --seed 1 --out runs/data/target_train
+	$(VENV)/bin/depthkd simulate --style target --n 200 --seed 1000 --out runs/data/target_val
+	$(VENV)/bin/depthkd train --config config/train/demo_student.yaml
+	$(VENV)/bin/depthkd export --checkpoint runs/demo_student/final.pt --out depthkd_ros/models/student.onnx --height 192 --width 256 --check-images depthkd_ros/demo_data/rgb
 
 bench-node: venv
 	$(VENV)/bin/depthkd bench-node

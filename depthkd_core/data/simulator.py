@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from depthkd_core.data.frame import (Frame, intrinsics_to_dict, write_depth_png, write_png,
                                      write_rgb)
@@ -90,7 +91,10 @@ def _init_worker() -> None:
 def _write_frame(task: tuple[Path, str, int, int, int, int]) -> dict[str, float]:
     """Render and store one frame; returns its intrinsics as a dict."""
     out, style, seed, index, height, width = task
-    frame = render_frame(style, frame_seed(seed, index), height, width)
+    return _store_frame(out, index, render_frame(style, frame_seed(seed, index), height, width))
+
+
+def _store_frame(out: Path, index: int, frame: Frame) -> dict[str, float]:
     stem = f"{index:06d}.png"
     write_rgb(out / "rgb" / stem, frame.rgb)
     write_depth_png(out / "depth" / stem, frame.depth, DEPTH_SCALE)
@@ -100,13 +104,12 @@ def _write_frame(task: tuple[Path, str, int, int, int, int]) -> dict[str, float]
 
 
 def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, width: int = 320,
-                  seed: int = 0, workers: int = 2) -> Path:
+                  seed: int = 0, workers: int = 2, sequence: bool = False) -> Path:
     """Render ``n`` frames into ``out_dir`` (layout in docs/data.md); returns the folder.
 
-    Frame i equals ``render_frame(style, frame_seed(seed, i), height, width)``.
+    Frame i equals ``render_frame(style, frame_seed(seed, i), height, width)``, or with
+    ``sequence`` frame i of ``render_sequence(style, seed, n, height, width)`` (a clip).
     """
-    from tqdm import tqdm  # only the writer needs it (training extra)
-
     _check_size(height, width)
     style_obj = get_style(style)
     if n < 1:
@@ -116,7 +119,10 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
         (out / sub).mkdir(parents=True, exist_ok=True)
     tasks = [(out, style_obj.name, seed, i, height, width) for i in range(n)]
     progress = dict(total=n, desc=f"simulate {style_obj.name}", unit="frame")
-    if workers > 1 and n >= 4 * workers:
+    if sequence:
+        frames = render_sequence(style_obj, seed, n, height, width)
+        cams = [_store_frame(out, i, f) for i, f in enumerate(tqdm(frames, **progress))]
+    elif workers > 1 and n >= 4 * workers:
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker) as pool:
             cams = list(tqdm(pool.imap(_write_frame, tasks, chunksize=8), **progress))
     else:
@@ -127,7 +133,8 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
         intrinsics = {"frames": {f"{i:06d}": c for i, c in enumerate(cams)}}
     (out / "intrinsics.json").write_text(json.dumps(intrinsics, indent=1))
     meta = {"format": "depthkd-sim", "version": LAYOUT_VERSION, "style": style_obj.name,
-            "n": n, "seed": seed, "height": height, "width": width, "depth_scale": DEPTH_SCALE,
+            "n": n, "seed": seed, "sequence": sequence, "height": height, "width": width,
+            "depth_scale": DEPTH_SCALE,
             "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
             "intrinsics": "per_dataset" if "frames" not in intrinsics else "per_frame"}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -142,10 +149,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="rendering processes")
+    parser.add_argument("--sequence", action="store_true",
+                        help="one room seen from a smoothly moving camera (a clip)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     out = write_dataset(args.out, args.style, args.n, args.height, args.width, args.seed,
-                        args.workers)
+                        args.workers, args.sequence)
     print(f"wrote {args.n} {args.style} frames to {out}")
     return 0
