@@ -138,6 +138,16 @@ def test_write_dataset_round_trip(tmp_path):
         assert frame.intrinsics == ref.intrinsics
 
 
+def test_write_sequence_stores_the_clip(tmp_path):
+    out = write_dataset(tmp_path / "clip", "target", 4, height=24, width=32, seed=3,
+                        sequence=True)
+    assert json.loads((out / "meta.json").read_text())["sequence"] is True
+    for frame, ref in zip(SimFolder(out), render_sequence("target", 3, 4, 24, 32)):
+        np.testing.assert_array_equal(frame.rgb, ref.rgb)
+        assert np.abs(frame.depth - ref.depth).max() <= 0.0005 + 1e-6
+        assert frame.intrinsics == ref.intrinsics
+
+
 def test_write_dataset_parallel_equals_serial_and_constant_intrinsics(tmp_path):
     serial = write_dataset(tmp_path / "a", "target", 8, height=24, width=32, seed=1, workers=1)
     parallel = write_dataset(tmp_path / "b", "target", 8, height=24, width=32, seed=1, workers=2)
