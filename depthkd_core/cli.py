@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("depthkd_core.train.supervised", "train a teacher or student with ground truth"),
     "evaluate": ("depthkd_core.evaluate.report", "evaluate a model on a dataset (JSON/markdown report)"),
     "export": ("depthkd_core.export.onnx_export", "export a checkpoint to ONNX and check parity"),
+    "distill": ("depthkd_core.methods.engine", "distil a teacher into a student (config/distill/*.yaml)"),
     "demo": ("depthkd_ros.demo", "run the live depth node on the bundled sequence"),
     "bench-node": ("depthkd_ros.bench", "measure the live node: inference, overhead, rates, memory"),
 }

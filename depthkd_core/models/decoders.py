@@ -30,9 +30,12 @@ def stage_reductions(reductions: list[int], num_stages: int) -> list[int]:
     return [deepest // 2 ** (i + 1) for i in range(steps)]
 
 
-def _skip_index(reductions: list[int]) -> dict[int, int]:
-    # Several features may share a stride (the last one is the deepest).
-    return {r: i for i, r in enumerate(reductions)}
+def skip_layout(reductions: list[int], stages: int) -> tuple[list[int], list[int]]:
+    """Output stride of each decoder stage, and the encoder feature whose stride
+    matches it (-1: none). Several features may share a stride: the deepest wins."""
+    out_reductions = stage_reductions(reductions, stages)
+    index = {r: i for i, r in enumerate(reductions)}
+    return out_reductions, [index.get(r, -1) for r in out_reductions]
 
 
 class StudentDecoder(nn.Module):
@@ -43,9 +46,7 @@ class StudentDecoder(nn.Module):
     def __init__(self, channels: list[int], reductions: list[int],
                  decoder_channels: tuple[int, ...]) -> None:
         super().__init__()
-        self.out_reductions = stage_reductions(reductions, len(decoder_channels))
-        index = _skip_index(reductions)
-        self.skip_ids = [index.get(r, -1) for r in self.out_reductions]
+        self.out_reductions, self.skip_ids = skip_layout(reductions, len(decoder_channels))
         cin = channels[-1]
         self.convs = nn.ModuleList()
         self.skips = nn.ModuleList()
@@ -74,9 +75,7 @@ class UNetDecoder(nn.Module):
     def __init__(self, channels: list[int], reductions: list[int],
                  decoder_channels: tuple[int, ...]) -> None:
         super().__init__()
-        self.out_reductions = stage_reductions(reductions, len(decoder_channels))
-        index = _skip_index(reductions)
-        self.skip_ids = [index.get(r, -1) for r in self.out_reductions]
+        self.out_reductions, self.skip_ids = skip_layout(reductions, len(decoder_channels))
         cin = channels[-1]
         self.blocks = nn.ModuleList()
         for cout, skip in zip(decoder_channels, self.skip_ids):
