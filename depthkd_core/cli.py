@@ -17,6 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("depthkd_core.evaluate.report", "evaluate a model on a dataset (JSON/markdown report)"),
     "export": ("depthkd_core.export.onnx_export", "export a checkpoint to ONNX and check parity"),
     "distill": ("depthkd_core.methods.engine", "distil a teacher into a student (config/distill/*.yaml)"),
+    "bench-transform": ("depthkd_core.methods.deepinversion",
+                        "speed of the transformation net G vs per-batch input optimisation"),
     "demo": ("depthkd_ros.demo", "run the live depth node on the bundled sequence"),
     "bench-node": ("depthkd_ros.bench", "measure the live node: inference, overhead, rates, memory"),
 }
@@ -24,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: depthkd <verb> [options]", "", "verbs:"]
-    lines += [f"  {verb:<11} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += [f"  {verb:<16} {help_}" for verb, (_, help_) in VERBS.items()]
     lines += ["", "`depthkd <verb> --help` shows a verb's options."]
     return "\n".join(lines)
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
@@ -15,6 +13,7 @@ from depthkd_core.data import DepthDataset, build_reader
 from depthkd_core.losses import build_loss
 from depthkd_core.models import build_model
 from depthkd_core.train.config import DataConfig, TrainConfig, load_train_config
+from depthkd_core.train.run_cli import add_run_arguments, run_from_args
 from depthkd_core.train.trainer import StepFn, Trainer, seed_everything
 
 
@@ -49,23 +48,8 @@ def train_supervised(cfg: TrainConfig) -> Path:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="YAML file in config/train/")
-    parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the output directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optim.lr=1e-4 data.root=data/sim")
+    add_run_arguments(parser, "config/train/", "optim.lr=1e-4 data.root=data/sim")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cfg = load_train_config(args.config, args.overrides)
-    # set directly: a path is not a YAML scalar (``--out 2024`` would become an int)
-    if args.out is not None:
-        cfg = replace(cfg, out_dir=str(args.out))
-    if args.resume:
-        cfg = replace(cfg, resume=True)
-    final = train_supervised(cfg)
-    if dist.is_initialized():  # joined under torchrun by the Trainer
-        dist.destroy_process_group()
-    print(f"final checkpoint: {final}")
-    return 0
+    return run_from_args(args, load_train_config, train_supervised)
