@@ -41,9 +41,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _label(image: np.ndarray, text: str) -> np.ndarray:
     out = image.copy()
-    cv2.putText(out, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 2,
+    (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    out[:h + 10, :w + 10] //= 3  # darken a box behind the caption so it reads on any colour
+    cv2.putText(out, text, (5, h + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                 cv2.LINE_AA)
-    cv2.putText(out, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return out
 
 
