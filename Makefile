@@ -2,7 +2,7 @@
 # Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py requirements-lock.txt 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 PYTHON ?= python3
 
 .PHONY: venv test test-slow demo demo-assets bench-node clean

@@ -24,5 +24,7 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
 # Imported for their registration side effect; LOSSES must exist first.
 from depthkd_core.losses import hu_depth, l1, mse, silog  # noqa: E402,F401
 from depthkd_core.losses import bn_stats  # noqa: E402,F401
+from depthkd_core.losses import cwd, ssim  # noqa: E402,F401
+from depthkd_core.losses import attentive_kd  # noqa: E402,F401
 
 __all__ = ["LOSSES", "build_loss"]

@@ -13,5 +13,7 @@ METHODS: Registry[type] = Registry("method")
 
 # Imported for their registration side effect; METHODS must exist first.
 from depthkd_core.methods import datafree, dfad, kd_ood, noise  # noqa: E402,F401
+from depthkd_core.methods import labelfree, tiekd  # noqa: E402,F401
+from depthkd_core.methods import disdepth  # noqa: E402,F401
 
 __all__ = ["METHODS"]

@@ -22,6 +22,9 @@ class ModelConfig:
     pretrained: local timm-format weights of the encoder (.pth/.safetensors).
     input_size: (H, W) the encoder is built for; needed by ViT encoders (fixed
         position embeddings) and used as Swin's reference size; None = any size.
+    lgconv_stages: encoder feature stages wrapped in LG-Conv (DisDepth; negative
+        from the deepest, e.g. (-4, -3, -2, -1)); () = none. CNN encoders only.
+    lgconv_heads: M, the global vectors of each LG-Conv.
     """
 
     name: str = "student"
@@ -34,6 +37,8 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] | None = None
     pretrained: str | None = None
     input_size: tuple[int, int] | None = None
+    lgconv_stages: tuple[int, ...] = ()
+    lgconv_heads: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_depth < self.max_depth:
@@ -51,3 +56,6 @@ class ModelConfig:
             if len(self.input_size) != 2 or min(self.input_size) < 32:
                 raise ValueError(f"input_size must be (H, W) >= 32, got {self.input_size}")
             self.input_size = (int(self.input_size[0]), int(self.input_size[1]))
+        self.lgconv_stages = tuple(int(s) for s in self.lgconv_stages)
+        if self.lgconv_heads < 1:
+            raise ValueError(f"lgconv_heads must be >= 1, got {self.lgconv_heads}")

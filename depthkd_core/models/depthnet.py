@@ -13,6 +13,7 @@ from .config import ModelConfig
 from .decoders import StudentDecoder, UNetDecoder
 from .encoders import TimmEncoder
 from .heads import build_head, expected_depth
+from .lgconv import insert_lgconv
 
 MODELS: Registry[Callable[[ModelConfig], "DepthNet"]] = Registry("model")
 
@@ -99,4 +100,7 @@ def teacher(cfg: ModelConfig) -> DepthNet:
 
 def build_model(cfg: ModelConfig) -> DepthNet:
     """Build the registered model ``cfg.name`` (random init unless cfg.pretrained)."""
-    return MODELS.get(cfg.name)(cfg)
+    model = MODELS.get(cfg.name)(cfg)
+    if cfg.lgconv_stages:
+        insert_lgconv(model, cfg.lgconv_stages, cfg.lgconv_heads)
+    return model
