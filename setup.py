@@ -27,6 +27,7 @@ ROS = [
     "ros-rmw-fastrtps-cpp",
 ]
 DEV = ["pytest==9.2.0", "pytest-timeout==2.4.0"]
+SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1"]
 
 setup(
     name=PACKAGE,
@@ -49,7 +50,8 @@ setup(
         "hf": HF,
         "ros": ROS,
         "gpu": ["onnxruntime-gpu"],
-        "dev": DEV + HF + DATA,
+        "serve": SERVE,
+        "dev": DEV + HF + DATA + SERVE,
     },
     zip_safe=True,
     maintainer="depthkd developers",
@@ -60,6 +62,7 @@ setup(
         "console_scripts": [
             "depthkd = depthkd_core.cli:main",
             "depth_node = depthkd_ros.depth_node:main",
+            "teacher_server = depthkd_ros.teacher_server:main",
         ],
     },
 )

@@ -1,0 +1,425 @@
+"""Teacher server and client: KServe v2 tensors, real HTTP on 127.0.0.1, the real
+FastDepth ONNX teacher, limits, auth, batching, retries and the circuit breaker."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+
+from depthkd_core.serving.client import (CircuitBreaker, TeacherClient, TeacherRequestError,  # noqa: E402
+                                         TeacherUnavailable)
+from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,  # noqa: E402
+                                           decode_message, encode_message)
+from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
+from depthkd_ros import teacher_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
+TUM = SHARED / "data" / "tum_sample" / "tum_color.png"
+TOKEN = "s3cret-token"
+LIMITS = TensorLimits(max_batch=4, max_height=512, max_width=512, max_body_bytes=2 << 20)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return array.view(np.uint32) if array.dtype == np.float32 else array
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_protocol_round_trip_is_bit_exact(binary: bool) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
+    image.flat[:4] = [-0.0, 1e-45, 3.4028235e38, 1 / 3]  # sign of zero, subnormal, max, inexact
+    mask = rng.integers(0, 256, (1, 1, 4, 4), dtype=np.uint8)
+    body, length = encode_message({"id": "a"}, "inputs", {"image": image, "mask": mask}, binary)
+    header, tensors = decode_message(body, length, "inputs", TensorLimits(min_size=4))
+    assert header["id"] == "a" and list(tensors) == ["image", "mask"]
+    for name, sent in (("image", image), ("mask", mask)):
+        assert tensors[name].dtype == sent.dtype and tensors[name].shape == sent.shape
+        assert np.array_equal(_bits(tensors[name]), _bits(sent))
+    if binary:  # layout: JSON header, then the raw little-endian bytes in header order
+        specs = json.loads(body[:length])["inputs"]
+        assert [s["parameters"]["binary_data_size"] for s in specs] == [2 * 3 * 5 * 7 * 4, 16]
+        assert body[length:] == image.astype("<f4").tobytes() + mask.tobytes()
+    else:
+        assert length is None
+
+
+def _binary(shape: list[int], datatype: str = "FP32", size: int | None = None,
+            payload: bytes | None = None) -> tuple[bytes, int]:
+    count = int(np.prod(shape)) * (4 if datatype == "FP32" else 1)
+    header = json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": datatype,
+                                     "parameters": {"binary_data_size": count if size is None else size}}]})
+    return header.encode() + (bytes(count) if payload is None else payload), len(header)
+
+
+def _json_body(shape: Any, data: Any, datatype: str = "FP32") -> tuple[bytes, None]:
+    return json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": datatype,
+                                   "data": data}]}).encode(), None
+
+
+MALFORMED = {
+    "FP64": (_binary([1, 3, 8, 8], "FP64"), "datatype 'FP64' not allowed"),
+    "rank 3": (_binary([3, 8, 8]), "rank 3"),
+    "batch": (_binary([5, 3, 8, 8]), "batch 5 outside 1..4"),
+    "height": (_binary([1, 3, 4, 8]), "height 4 outside"),
+    "width": (_binary([1, 3, 8, 600]), "width 600 outside"),
+    "size mismatch": (_binary([1, 3, 8, 8], size=100), "needs 768 bytes"),
+    "truncated": (_binary([1, 3, 8, 8], payload=bytes(700)), "ends 68 bytes early"),
+    "extra bytes": (_binary([1, 3, 8, 8], payload=bytes(800)), "32 unclaimed bytes"),
+    "float shape": (_binary([1.0, 3, 8, 8]), "shape must be a list"),
+    "json count": (_json_body([1, 3, 8, 8], [0.5] * 10), "10 values for shape"),
+    "json text": (_json_body([1, 3, 8, 8], ["a"] * 192), "not a list of FP32"),
+    "uint8 range": (_json_body([1, 3, 8, 8], [300] * 192, "UINT8"), "not a list of UINT8"),
+    "not json": ((b"{nope", None), "not valid JSON"),
+    "no inputs": ((b'{"inputs": []}', None), "non-empty 'inputs'"),
+    "header length": ((b'{"inputs": []}', 999), "outside 1..14"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_protocol_refuses_malformed_tensors(case: str) -> None:
+    (body, length), reason = MALFORMED[case]
+    with pytest.raises(ValueError, match=reason):
+        decode_message(body, length, "inputs", LIMITS)
+    with pytest.raises(PayloadTooLarge):
+        decode_message(bytes(LIMITS.max_body_bytes + 1), None, "inputs", LIMITS)
+
+
+@pytest.fixture(scope="module")
+def served() -> Any:
+    """The real FastDepth ONNX teacher behind the server, on 127.0.0.1:<ephemeral>."""
+    if not FASTDEPTH.is_file():
+        pytest.skip(f"missing {FASTDEPTH}")
+    from depthkd_core.models.teachers import load_teacher
+
+    teacher = load_teacher(FASTDEPTH)
+    app = create_app(teacher, "fastdepth", token=TOKEN, limits=LIMITS, max_batch=4, max_wait_ms=150)
+    with BackgroundServer(app) as url:
+        yield types.SimpleNamespace(url=url, teacher=teacher, batcher=app.state.batcher,
+                                    auth={"Authorization": f"Bearer {TOKEN}"})
+
+
+def _direct(teacher: Any, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return teacher(torch.from_numpy(images)).numpy()
+
+
+def _tum_images() -> np.ndarray:
+    import cv2
+
+    if not TUM.is_file():
+        pytest.skip(f"missing {TUM}")
+    rgb = cv2.cvtColor(cv2.imread(str(TUM)), cv2.COLOR_BGR2RGB)
+    rgb = cv2.resize(rgb, (160, 120), interpolation=cv2.INTER_AREA)
+    image = rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+    return np.concatenate([image, image[:, :, ::-1, ::-1]])  # two different frames
+
+
+def test_client_output_equals_the_teacher(served: Any) -> None:
+    images = _tum_images()
+    with TeacherClient(served.url, "fastdepth", token=TOKEN, retries=0) as client:
+        depth = client.infer(images)
+        meta = client.metadata()
+        assert client.ready() and client.last_latency_ms > 0
+    expected = _direct(served.teacher, images)
+    assert depth.shape == (2, 1, 120, 160) and np.array_equal(depth, expected)
+    assert 0.3 < float(np.median(depth)) < 10.0  # metres, an indoor scene
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    assert meta["outputs"] == [{"name": "depth", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
+    assert meta["parameters"]["is_metric"] is True and meta["parameters"]["is_inverse"] is False
+
+
+def test_json_form_and_uint8_input(served: Any) -> None:
+    images = _tum_images()[:1]
+    raw = np.round(images * 255).astype(np.uint8)
+    body, _ = encode_message({"id": "j1"}, "inputs", {"image": raw}, binary=False)
+    reply = httpx.post(f"{served.url}/v2/models/fastdepth/infer", content=body, headers=served.auth)
+    assert reply.status_code == 200 and HEADER_LENGTH not in reply.headers
+    header, outputs = decode_message(reply.content, None, "outputs")
+    assert header["id"] == "j1" and header["model_name"] == "fastdepth"
+    assert np.array_equal(outputs["depth"], _direct(served.teacher, raw.astype(np.float32) / 255.0))
+
+
+def test_health_metadata_and_token(served: Any) -> None:
+    url = served.url
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200  # probes need no token
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for reply in (httpx.get(f"{url}/v2/models/fastdepth", headers=headers),
+                      httpx.post(f"{url}/v2/models/fastdepth/infer", content=b"{}", headers=headers)):
+            assert reply.status_code == 401 and "token" in reply.json()["error"]
+    assert httpx.get(f"{url}/v2/models/other", headers=served.auth).status_code == 404
+    assert httpx.get(f"{url}/docs", headers=served.auth).status_code == 404
+    with TeacherClient(url, "fastdepth", token="wrong", retries=3, sleep=pytest.fail) as client:
+        with pytest.raises(TeacherRequestError, match="401"):  # a 4xx is never retried
+            client.infer(np.zeros((1, 3, 16, 16), np.float32))
+    assert client.breaker.consecutive == 0
+
+
+def test_oversized_and_malformed_requests_are_refused(served: Any) -> None:
+    infer = f"{served.url}/v2/models/fastdepth/infer"
+    big = bytes(LIMITS.max_body_bytes + 1)
+    reply = httpx.post(infer, content=big, headers=served.auth)
+    assert reply.status_code == 413 and "exceeds" in reply.json()["error"]
+    chunked = httpx.post(infer, content=iter([big[:1 << 20]] * 3), headers=served.auth)  # no length
+    assert chunked.status_code == 413
+    cases = dict(MALFORMED)
+    nan = np.full((1, 3, 8, 8), np.nan, np.float32)
+    cases["NaN"] = (encode_message({}, "inputs", {"image": nan}, True), "NaN")
+    cases["channels"] = (_binary([1, 1, 8, 8]), r"\(B,3,H,W\)")
+    for name, ((body, length), reason) in cases.items():
+        headers = {**served.auth, **({HEADER_LENGTH: str(length)} if length else {})}
+        reply = httpx.post(infer, content=body, headers=headers)
+        assert reply.status_code == 400, (name, reply.text)
+        assert reply.json()["error"], name
+        assert re.search(reason, reply.json()["error"]), (name, reply.json())
+    assert httpx.get(f"{served.url}/v2/health/ready").status_code == 200
+    with TeacherClient(served.url, "fastdepth", token=TOKEN, retries=0) as client:
+        assert client.infer(np.full((1, 3, 32, 32), 0.5, np.float32)).shape == (1, 1, 32, 32)
+
+
+def test_concurrent_requests_are_batched(served: Any) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.random((4, 1, 3, 64, 64), dtype=np.float32)
+    results: list[np.ndarray | None] = [None] * 4
+    barrier = threading.Barrier(4, timeout=10)
+
+    def ask(i: int) -> None:
+        with TeacherClient(served.url, "fastdepth", token=TOKEN, retries=0) as client:
+            client.ready()  # connect first, so the four requests arrive together
+            barrier.wait()
+            results[i] = client.infer(images[i])
+
+    calls = served.batcher.calls
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert served.batcher.calls - calls < 4
+    for i in range(4):
+        assert np.allclose(results[i], _direct(served.teacher, images[i]), atol=1e-5)
+
+
+def _fake_teacher_app(statuses: list[int], garbage: bool = False) -> tuple[FastAPI, list[int]]:
+    """Answers with ``statuses`` in turn (then 200: depth = mean image colour)."""
+    app, seen = FastAPI(), []
+
+    @app.post("/v2/models/fake/infer")
+    async def infer(request: Request) -> Response:
+        seen.append(1)
+        if len(seen) <= len(statuses):
+            return JSONResponse({"error": "boom"}, status_code=statuses[len(seen) - 1])
+        if garbage:
+            return Response(b"\x00garbage", headers={HEADER_LENGTH: "3"})
+        _, tensors = decode_message(await request.body(), request.headers[HEADER_LENGTH], "inputs")
+        depth = tensors["image"].mean(axis=1, keepdims=True)
+        body, length = encode_message({}, "outputs", {"depth": depth}, True)
+        return Response(body, headers={HEADER_LENGTH: str(length)})
+
+    return app, seen
+
+
+def test_client_retries_with_exponential_backoff() -> None:
+    app, seen = _fake_teacher_app([500, 503])
+    sleeps: list[float] = []
+    images = np.random.default_rng(2).random((1, 3, 8, 8), dtype=np.float32)
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=3, backoff_s=0.01,
+                                                     sleep=sleeps.append) as client:
+        depth = client.infer(images)
+    assert len(seen) == 3 and sleeps == [0.01, 0.02]
+    assert np.array_equal(depth, images.mean(axis=1, keepdims=True))
+
+
+def test_client_gives_up_on_garbage_and_never_retries_4xx() -> None:
+    images = np.zeros((1, 3, 8, 8), np.float32)
+    app, seen = _fake_teacher_app([], garbage=True)
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=2, sleep=lambda s: None) as client:
+        with pytest.raises(TeacherUnavailable, match="failed 3 attempts"):
+            client.infer(images)
+    assert len(seen) == 3
+    app, seen = _fake_teacher_app([413])
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=2, sleep=pytest.fail) as client:
+        with pytest.raises(TeacherRequestError, match="413.*boom"):
+            client.infer(images)
+    assert len(seen) == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_circuit_breaker_opens_and_fails_fast() -> None:
+    client = TeacherClient(f"http://127.0.0.1:{_closed_port()}", "fake", timeout_s=2, retries=0,
+                           breaker_failures=3, breaker_cooldown_s=60)
+    images = np.zeros((1, 3, 8, 8), np.float32)
+    for _ in range(3):
+        with pytest.raises(TeacherUnavailable, match="ConnectError"):
+            client.infer(images)
+    client._http.post = pytest.fail  # an open breaker must not even try the network
+    start = time.perf_counter()
+    with pytest.raises(TeacherUnavailable, match="circuit open"):
+        client.infer(images)
+    assert time.perf_counter() - start < 0.05
+    client.close()
+    now = [0.0]
+    breaker = CircuitBreaker(failures=2, cooldown_s=10, clock=lambda: now[0])
+    breaker.failure()
+    assert not breaker.is_open
+    breaker.failure()
+    now[0] = 9.9
+    assert breaker.is_open
+    now[0] = 10.0  # half-open: one trial; a failure re-opens, a success closes
+    assert not breaker.is_open
+    breaker.failure()
+    assert breaker.is_open
+    breaker.success()
+    assert not breaker.is_open and breaker.consecutive == 0
+
+
+def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> None:
+    with pytest.raises(SystemExit, match="refusing to bind 0.0.0.0 without a bearer token"):
+        teacher_server.main(["--teacher", str(FASTDEPTH), "--host", "0.0.0.0"])
+    with pytest.raises(SystemExit, match="go together"):
+        teacher_server.main(["--teacher", str(FASTDEPTH), "--ssl-certfile", str(FASTDEPTH)])
+    with pytest.raises(SystemExit, match="token file not found"):
+        teacher_server.main(["--teacher", "x", "--host", "0.0.0.0", "--token-file", str(tmp_path / "no")])
+    assert teacher_server.build_parser().parse_args(["--teacher", "t"]).host == "127.0.0.1"
+    for host in ("127.0.0.1", "127.8.0.1", "::1", "localhost"):
+        teacher_server.check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.20", "robot.local"):
+        with pytest.raises(ValueError):
+            teacher_server.check_bind(host, None)
+        teacher_server.check_bind(host, "token")
+    (tmp_path / "token").write_text("abc\n")
+    argv = ["--teacher", "t", "--token-file", str(tmp_path / "token")]
+    args = teacher_server.build_parser().parse_args(argv)
+    assert teacher_server.read_token(args) == "abc"
+
+
+def test_server_program_serves(tmp_path: Path) -> None:
+    """The console-script entry point really serves, on loopback, with a token."""
+    if not FASTDEPTH.is_file():
+        pytest.skip(f"missing {FASTDEPTH}")
+    (tmp_path / "token").write_text(TOKEN)
+    port = _closed_port()
+    proc = subprocess.Popen([sys.executable, "-m", "depthkd_ros.teacher_server",
+                             "--teacher", str(FASTDEPTH), "--model-name", "fd", "--port", str(port),
+                             "--token-file", str(tmp_path / "token"), "--log-level", "warning"], cwd=REPO)
+    try:
+        client = TeacherClient(f"http://127.0.0.1:{port}", "fd", token=TOKEN, retries=0)
+        deadline = time.monotonic() + 45
+        while not client.ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        assert client.infer(np.full((1, 3, 32, 32), 0.5, np.float32)).shape == (1, 1, 32, 32)
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+class _Recorder:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def test_launch_file_builds_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    modules = {name: types.ModuleType(name) for name in ("launch", "launch.actions", "launch.substitutions",
+                                                         "launch_ros", "launch_ros.actions")}
+    modules["launch"].LaunchDescription = _Recorder
+    modules["launch.actions"].DeclareLaunchArgument = type("DeclareLaunchArgument", (_Recorder,), {})
+    modules["launch.actions"].OpaqueFunction = type("OpaqueFunction", (_Recorder,), {})
+    modules["launch.substitutions"].LaunchConfiguration = lambda name: types.SimpleNamespace(
+        perform=lambda context: context.launch_configurations[name])
+    modules["launch_ros.actions"].Node = type("Node", (_Recorder,), {})
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    path = REPO / "launch" / "teacher_server.launch.py"
+    spec = importlib.util.spec_from_file_location("teacher_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entities = module.generate_launch_description().args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities
+                if type(e).__name__ == "DeclareLaunchArgument"}
+    assert declared["host"] == "127.0.0.1"
+    (opaque,) = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
+    context = types.SimpleNamespace(launch_configurations={**declared, "teacher": "/m/t.onnx",
+                                                           "token_file": "/k/tok"})
+    (node,) = opaque.kwargs["function"](context)
+    assert node.kwargs["executable"] == "teacher_server" and node.kwargs["package"] == "depthkd_ros"
+    argv = node.kwargs["arguments"]
+    parsed = teacher_server.build_parser().parse_args(argv)  # the program accepts what launch passes
+    assert (parsed.teacher, parsed.token_file) == ("/m/t.onnx", "/k/tok")
+    assert (parsed.host, parsed.port, parsed.max_batch) == ("127.0.0.1", 8000, 8)
+    assert "--ssl-keyfile" not in argv
+    with pytest.raises(ValueError, match="teacher:="):
+        opaque.kwargs["function"](types.SimpleNamespace(launch_configurations=declared))
+
+
+class _FailingTeacher:
+    """Refuses 8x8 images (ValueError), crashes on 16x16 (RuntimeError), else depth = 2."""
+
+    name, is_metric, is_inverse = "failing", True, False
+
+    def __call__(self, images: Any) -> Any:
+        if images.shape[-1] == 8:
+            raise ValueError("images too small for this teacher")
+        if images.shape[-1] == 16:
+            raise RuntimeError("out of GPU memory")
+        return images[:, :1] * 0 + 2
+
+
+def test_teacher_failures_are_4xx_or_500_and_the_server_survives(caplog: Any) -> None:
+    app = create_app(_FailingTeacher(), "f", max_wait_ms=0)
+    with BackgroundServer(app) as url:
+        with TeacherClient(url, "f", retries=0, breaker_failures=10) as client:
+            with pytest.raises(TeacherRequestError, match="400.*too small"):
+                client.infer(np.zeros((1, 3, 8, 8), np.float32))
+            with pytest.raises(TeacherUnavailable, match="500: internal server error"):
+                client.infer(np.zeros((1, 3, 16, 16), np.float32))
+            assert np.array_equal(client.infer(np.zeros((2, 3, 24, 24), np.float32)),
+                                  np.full((2, 1, 24, 24), 2, np.float32))
+    assert "out of GPU memory" in caplog.text  # the reason stays in the server's log
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=30)
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a certificate: {exc}")
+    app = create_app(_FailingTeacher(), "f", token=TOKEN, max_wait_ms=0)
+    with BackgroundServer(app, ssl_keyfile=str(key), ssl_certfile=str(cert)) as url:
+        assert url.startswith("https://")
+        with TeacherClient(url, "f", token=TOKEN, retries=0, verify=str(cert)) as client:
+            assert client.infer(np.zeros((1, 3, 24, 24), np.float32)).shape == (1, 1, 24, 24)
+        with TeacherClient(url, "f", token=TOKEN, retries=0) as untrusting:  # system CAs only
+            with pytest.raises(TeacherUnavailable, match="(?i)certificate"):
+                untrusting.infer(np.zeros((1, 3, 24, 24), np.float32))
