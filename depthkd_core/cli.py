@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench-transform": ("depthkd_core.methods.deepinversion",
                         "speed of the transformation net G vs per-batch input optimisation"),
     "demo": ("depthkd_ros.demo", "run the live depth node on the bundled sequence"),
+    "bench": ("depthkd_core.bench.run", "data-free distillation benchmark, Table II (config/bench/*.yaml)"),
     "bench-node": ("depthkd_ros.bench", "measure the live node: inference, overhead, rates, memory"),
 }
 
