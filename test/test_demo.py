@@ -71,3 +71,4 @@ def test_bench_node_prints_every_figure(tmp_path, capsys):
     stream = report["streams"][0]
     assert stream["sent"] == 30 and stream["depth_received"] > 0
     assert 0.0 <= stream["drop_rate"] < 1.0 and stream["node_peak_rss_mb"] > 0
+    assert 0.0 <= stream["node_drop_rate"] < 1.0
