@@ -62,6 +62,7 @@ setup(
         "console_scripts": [
             "depthkd = depthkd_core.cli:main",
             "depth_node = depthkd_ros.depth_node:main",
+            "distill_node = depthkd_ros.distill_node:main",
             "teacher_server = depthkd_ros.teacher_server:main",
         ],
     },

@@ -2,6 +2,8 @@
 
     ros2 launch depthkd_ros depth.launch.py camera:=front image:=image_rect rviz:=true
     ros2 launch depthkd_ros depth.launch.py cameras:=front,rear input_transport:=compressed
+    ros2 launch depthkd_ros depth.launch.py distill:=true teacher_url:=http://ws:8000 \
+        token_file:=~/.config/depthkd/token
 
 Each camera gets a depth_node in its own namespace, so ``image`` resolves to
 ``/<camera>/<image>`` and the outputs to ``/<camera>/depth``, ``/<camera>/points``.
@@ -31,6 +33,11 @@ ARGUMENTS = {
     "image": ("image", "image topic the node reads, relative to the camera namespace"),
     "camera_info": ("camera_info", "camera_info topic, relative to the camera namespace"),
     "rviz": ("false", "true opens RViz with config/depthkd.rviz on the first camera"),
+    "distill": ("false", "true starts a distill_node beside each depth_node"),
+    "teacher_url": ("http://127.0.0.1:8000", "distill: teacher server URL"),
+    "token_file": ("", "distill: file holding the teacher's bearer token"),
+    "store_dir": ("~/.ros/depthkd_distill", "distill: state directory (one subfolder per "
+                  "camera namespace)"),
 }
 
 
@@ -50,6 +57,14 @@ def _nodes(context: object) -> list:
                     parameters=[value("params_file"), overrides], remappings=remappings,
                     output="screen")
                for ns in namespaces]
+    if value("distill").lower() in ("true", "1", "yes"):
+        actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
+                         namespace=ns, remappings=remappings, output="screen",
+                         parameters=[{"teacher_url": value("teacher_url"),
+                                      "token_file": value("token_file"),
+                                      "store_dir": str(Path(value("store_dir")) / ns),
+                                      "input_transport": value("input_transport")}])
+                    for ns in namespaces]
     if value("rviz").lower() in ("true", "1", "yes"):
         # The RViz config uses relative topic names, resolved in this namespace.
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",

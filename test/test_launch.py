@@ -192,3 +192,19 @@ def test_doc_lists_every_parameter_and_topic() -> None:
     for topic in ("image", "image/compressed", "camera_info", "sparse_depth", "depth",
                   "depth/camera_info", "depth/colored", "points", "/diagnostics"):
         assert f"`{topic}`" in doc, topic
+
+
+def test_distill_true_adds_a_distill_node_per_camera(monkeypatch: pytest.MonkeyPatch) -> None:
+    actions = _run_fake(monkeypatch, cameras="front,rear", distill="true",
+                        teacher_url="https://ws:8443", token_file="/etc/token",
+                        store_dir="/var/distill", input_transport="compressed", image="image_rect")
+    depth = [a.kwargs for a in actions if a.kwargs["executable"] == "depth_node"]
+    distill = [a.kwargs for a in actions if a.kwargs["executable"] == "distill_node"]
+    assert [n["namespace"] for n in distill] == ["front", "rear"] == [n["namespace"] for n in depth]
+    for d, n in zip(distill, depth):
+        assert (d["package"], d["name"]) == ("depthkd_ros", "distill_node")
+        assert d["remappings"] == n["remappings"]  # the same camera topics as the depth node
+        assert d["parameters"] == [{"teacher_url": "https://ws:8443", "token_file": "/etc/token",
+                                    "store_dir": f"/var/distill/{d['namespace']}",
+                                    "input_transport": "compressed"}]
+    assert not [a for a in _run_fake(monkeypatch) if a.kwargs["executable"] == "distill_node"]

@@ -1,0 +1,514 @@
+"""distill_node: on-robot label-free distillation beside the live depth_node.
+
+Camera frames -> KeyframeSelector -> on-disk KeyframeStore; a teacher thread labels
+stored keyframes through the KServe v2 TeacherClient; a supervisor thread runs a
+fine-tuning round in a separate process, gates the result against the live model and
+hot-swaps a better one into depth_node through its ``model_path`` parameter. The
+logic lives in ``depthkd_core.online``; this node wires parameters, threads and
+topics to it. Topics, parameters and files are documented in docs/distill_node.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
+from rcl_interfaces.srv import SetParameters
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String
+
+from depthkd_core.online.keyframes import KeyframeSelector, KeyframeStore, StoreFullError
+from depthkd_core.serving.client import TeacherClient, TeacherRequestError
+from depthkd_ros.conversions import camera_info_to_intrinsics, compressed_to_rgb, image_to_rgb
+from depthkd_ros.depth_node import (_RELIABILITY, PACKAGED_MODEL, WARN_THROTTLE_SEC, ParamSpec,
+                                    descriptor)
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("store_dir", "", "state directory: keyframes/, models/, rounds/, state.json "
+              "(required; survives restarts)"),
+    ParamSpec("max_frames", 500, "keyframes kept on disk (oldest evicted first)", 2, 1000000),
+    ParamSpec("min_free_mb", 100, "refuse to write when the disk has less free space (MiB)",
+              0, 1000000),
+    ParamSpec("min_interval_s", 1.0, "minimum seconds between keyframes", 0.0, 3600.0),
+    ParamSpec("novelty_threshold", 0.08, "minimum thumbnail difference to recent keyframes "
+              "(mean absolute difference / 255)", 0.0, 1.0),
+    ParamSpec("input_transport", "raw", "subscribe to image (raw) or image/compressed",
+              choices=("raw", "compressed")),
+    ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions",
+              choices=tuple(_RELIABILITY)),
+    ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
+    ParamSpec("teacher_url", "", "teacher server base URL, e.g. http://ws:8000 (required)"),
+    ParamSpec("model_name", "teacher", "teacher model name on the server"),
+    ParamSpec("token_file", "", "file holding the bearer token; empty = no token"),
+    ParamSpec("teacher_timeout_s", 10.0, "HTTP timeout per teacher request", 0.01, 600.0),
+    ParamSpec("teacher_retries", 2, "retries per teacher request (exponential backoff)", 0, 20),
+    ParamSpec("breaker_failures", 5, "consecutive failures that open the circuit breaker",
+              1, 1000),
+    ParamSpec("breaker_cooldown_s", 30.0, "seconds the breaker stays open", 0.0, 3600.0),
+    ParamSpec("max_backoff_s", 30.0, "longest pause of the teacher thread after a failure",
+              0.01, 3600.0),
+    ParamSpec("student_checkpoint", "", "torch checkpoint of the live student (first round's "
+              "init); empty = collect and label only, no training"),
+    ParamSpec("live_model", "", "ONNX the depth node runs before any deploy (gate baseline); "
+              "empty = the packaged student"),
+    ParamSpec("finetune_config", "", "YAML of FinetuneConfig fields for the round; empty = "
+              "defaults"),
+    ParamSpec("min_new_keyframes", 20, "teacher-labelled keyframes new since the last round "
+              "that start a round", 1, 1000000),
+    ParamSpec("gate_margin", 0.02, "AbsRel the candidate must beat the live model by", 0.0, 1.0),
+    ParamSpec("export_height", 192, "ONNX export height of a deployed model", 32, 4096),
+    ParamSpec("export_width", 256, "ONNX export width of a deployed model", 32, 4096),
+    ParamSpec("round_timeout_s", 3600.0, "a fine-tuning round running longer is killed",
+              1.0, 86400.0),
+    ParamSpec("depth_node", "depth_node", "name of the depth node to hot-swap (relative names "
+              "resolve in this namespace)"),
+    ParamSpec("depth_node_param", "model_path", "the depth node's model parameter"),
+    ParamSpec("service_timeout_s", 10.0, "wait for the depth node's parameter service", 0.1,
+              600.0),
+    ParamSpec("status_period", 1.0, "seconds between distill/status and /diagnostics", 0.1,
+              60.0),
+    ParamSpec("rollback", False, "set true: deploy the previous model again (resets to false)",
+              dynamic=True),
+)
+
+
+def validate(values: dict[str, Any]) -> None:
+    """Start-up checks (ValueError/FileNotFoundError naming the parameter)."""
+    for spec in PARAMS:
+        if spec.choices and values[spec.name] not in spec.choices:
+            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
+                             f"got {values[spec.name]!r}")
+    for name in ("store_dir", "teacher_url", "model_name", "depth_node", "depth_node_param"):
+        if not values[name]:
+            raise ValueError(f"parameter {name} must be set")
+    if not values["teacher_url"].startswith(("http://", "https://")):
+        raise ValueError(f"parameter teacher_url must start with http:// or https://, got "
+                         f"{values['teacher_url']!r}")
+    for name in ("token_file", "student_checkpoint", "finetune_config", "live_model"):
+        if values[name] and not Path(values[name]).expanduser().is_file():
+            raise FileNotFoundError(f"parameter {name}: {values[name]!r} does not exist")
+    if values["student_checkpoint"] and not values["live_model"] and not PACKAGED_MODEL.is_file():
+        raise FileNotFoundError("parameter live_model is empty and the packaged student is missing")
+
+
+def read_token(path: str) -> str | None:
+    """The bearer token in ``path`` (stripped); None for an empty path."""
+    if not path:
+        return None
+    token = Path(path).expanduser().read_text().strip()
+    if not token:
+        raise ValueError(f"parameter token_file: {path!r} is empty")
+    return token
+
+
+class State:
+    """Round bookkeeping persisted atomically in store_dir/state.json (resume on restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._lock = path, threading.Lock()  # supervisor and rollback both save
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.rounds: int = data.get("rounds", 0)
+        self.trained_keys: set[str] = set(data.get("trained_keys", []))
+        self.init_checkpoint: str = data.get("init_checkpoint", "")
+        self.deployed_rounds: list[int] = data.get("deployed_rounds", [])
+        self.last_loss: float | None = data.get("last_loss")
+        self.last_gate: dict[str, Any] | None = data.get("last_gate")
+        self.on_base: bool = data.get("on_base", False)  # rolled back past the first deploy
+
+    def save(self) -> None:
+        data = {"rounds": self.rounds, "trained_keys": sorted(self.trained_keys),
+                "init_checkpoint": self.init_checkpoint, "deployed_rounds": self.deployed_rounds,
+                "last_loss": self.last_loss, "last_gate": self.last_gate,
+                "on_base": self.on_base}
+        tmp = self.path.with_suffix(".tmp")
+        with self._lock, open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+
+class DistillNode(Node):
+    """Collects keyframes, labels them with a remote teacher, refines and hot-swaps."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("distill_node", **kwargs)
+        try:
+            self._setup()
+        except BaseException:
+            super().destroy_node()
+            raise
+
+    def _setup(self) -> None:
+        for spec in PARAMS:
+            self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        v = self.values = {spec.name: self.get_parameter(spec.name).value for spec in PARAMS}
+        validate(v)
+        root = Path(v["store_dir"]).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.store = KeyframeStore(root / "keyframes", max_frames=v["max_frames"],
+                                   min_free_bytes=v["min_free_mb"] * 2**20)
+        self.selector = KeyframeSelector(v["min_interval_s"], v["novelty_threshold"])
+        self.client = TeacherClient(v["teacher_url"], v["model_name"], read_token(v["token_file"]),
+                                    timeout_s=v["teacher_timeout_s"], retries=v["teacher_retries"],
+                                    breaker_failures=v["breaker_failures"],
+                                    breaker_cooldown_s=v["breaker_cooldown_s"])
+        self.state = State(root / "state.json")
+        self.registry = None  # ModelRegistry, imported by the supervisor (torch)
+        self.counts = {"received": 0, "skipped": 0, "keyframes": 0, "store_errors": 0, "labelled": 0,
+                       "teacher_failures": 0, "teacher_rejected": 0, "deploys": 0,
+                       "deploy_rejected": 0, "rollbacks": 0, "round_failures": 0}
+        self.last_error, self.store_error = "", ""
+        self.teacher_ms: float | None = None
+        self.deployed = ""
+        self._lock = threading.Lock()  # counters, pending frame, camera_info
+        self._store_lock = threading.Lock()  # the store is shared by three threads
+        self._registry_lock = threading.Lock()
+        self._pending: Image | CompressedImage | None = None
+        self._info: CameraInfo | None = None
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._make_topics(v)
+        self._push_client = self.create_client(SetParameters,
+                                               f"{v['depth_node']}/set_parameters")
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(v["status_period"], self._publish_status)
+        self._threads = [threading.Thread(target=t, name=f"distill_{t.__name__}", daemon=True)
+                         for t in (self._collect_loop, self._teacher_loop, self._supervise_loop)]
+        for thread in self._threads:
+            thread.start()
+
+    def _make_topics(self, v: dict[str, Any]) -> None:
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=v["input_depth"],
+                         reliability=_RELIABILITY[v["input_reliability"]])
+        if v["input_transport"] == "raw":
+            self.create_subscription(Image, "image", self._on_image, qos)
+        else:
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
+        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos)
+        self._status = self.create_publisher(String, "distill/status", 10)
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+    def _count(self, key: str, error: str = "") -> None:
+        with self._lock:
+            self.counts[key] += 1
+            self.last_error = error or self.last_error
+
+    # -- camera: newest frame only, selection and storage off the executor -----------------
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        with self._lock:
+            self._pending = msg
+            self.counts["received"] += 1
+        self._wake.set()
+
+    def _on_info(self, msg: CameraInfo) -> None:
+        with self._lock:
+            self._info = msg
+
+    def _collect_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(0.1):
+                continue
+            with self._lock:
+                msg, self._pending, info = self._pending, None, self._info
+                self._wake.clear()
+            if msg is not None:
+                self._collect(msg, info)
+
+    def _collect(self, msg: Image | CompressedImage, info: CameraInfo | None) -> None:
+        try:
+            if info is None:
+                raise ValueError("no camera_info received yet")
+            rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
+            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            if not self.selector.accept(rgb, stamp):
+                return
+            with self._store_lock:
+                self.store.add(rgb, camera_info_to_intrinsics(info), stamp)
+            self._count("keyframes")
+            self.store_error = ""
+        except StoreFullError as exc:  # nothing written: the store is intact, keep running
+            self.store_error = str(exc)
+            self._count("store_errors", f"store full: {exc}")
+            self.get_logger().error(f"keyframe dropped, store full: {exc}",
+                                    throttle_duration_sec=WARN_THROTTLE_SEC)
+        except Exception as exc:  # noqa: BLE001 - a bad frame must not kill the thread
+            self._count("store_errors" if isinstance(exc, OSError) else "skipped",
+                        f"frame skipped: {exc}")
+            self.get_logger().warning(f"frame skipped: {exc}",
+                                      throttle_duration_sec=WARN_THROTTLE_SEC)
+
+    # -- teacher: label pending keyframes, back off while the teacher is down --------------
+    def _teacher_loop(self) -> None:
+        failures, refused, kind = 0, set(), None
+        while not self._stop.is_set():
+            with self._store_lock:
+                pending = [k for k in self.store.pending_teacher() if k not in refused]
+            if not pending:
+                self._stop.wait(0.2)
+                continue
+            try:
+                if kind is None:  # Triton has no such parameters: a metric teacher
+                    params = self.client.metadata().get("parameters", {})
+                    kind = {"is_inverse": bool(params.get("is_inverse", False)),
+                            "is_metric": bool(params.get("is_metric", True))}
+                self._label(pending[0], kind)
+                failures = 0
+            except StoreFullError as exc:  # the answer cannot be kept: the disk, not the teacher
+                self.store_error = str(exc)
+                self._count("store_errors", f"store full: {exc}")
+                self._stop.wait(self.values["max_backoff_s"])
+            except TeacherRequestError as exc:  # this frame is refused: never resend it
+                refused.add(pending[0])
+                self._count("teacher_rejected", str(exc))
+            except Exception as exc:  # noqa: BLE001 - down, 5xx, garbage, evicted key
+                failures += 1
+                self._count("teacher_failures", f"teacher: {exc}")
+                self.get_logger().warning(f"teacher failed: {exc}",
+                                          throttle_duration_sec=WARN_THROTTLE_SEC)
+                pause = min(self.values["max_backoff_s"], 0.1 * 2 ** min(failures, 20))
+                self._stop.wait(max(pause, self.client.breaker.seconds_left()))
+
+    def _label(self, key: str, kind: dict[str, bool]) -> None:
+        with self._store_lock:
+            frame = self.store.load(key)
+        image = np.ascontiguousarray(frame.rgb.transpose(2, 0, 1)[None], np.float32) / 255.0
+        depth = self.client.infer(image)[0, 0]
+        self.teacher_ms = self.client.last_latency_ms
+        with self._store_lock:
+            self.store.set_teacher_depth(key, depth, **kind)
+        self._count("labelled")
+
+    # -- supervisor: rounds in a separate process, gate, deploy ----------------------------
+    def _supervise_loop(self) -> None:
+        from depthkd_core.online.gate import ModelRegistry  # torch: off the start-up path
+
+        with self._registry_lock:
+            self.registry = ModelRegistry(self.root / "models")
+            deployed = self.registry.current() is not None
+        if deployed:  # a restart: the depth node may have come back on its YAML's model
+            self._push(self._live_model())
+        while not self._stop.wait(0.5):
+            if not self.values["student_checkpoint"]:
+                continue
+            try:
+                self._maybe_round()
+            except Exception as exc:  # noqa: BLE001 - a failed round is retried later
+                self._count("round_failures", f"round failed: {exc}")
+                self.get_logger().error(f"fine-tuning round failed: {exc}",
+                                        throttle_duration_sec=WARN_THROTTLE_SEC)
+                self._stop.wait(5.0)
+
+    def _labelled_keys(self) -> set[str]:
+        with self._store_lock:
+            return set(self.store.keys()) - set(self.store.pending_teacher())
+
+    def _maybe_round(self) -> None:
+        labelled = self._labelled_keys()
+        if len(labelled - self.state.trained_keys) < self.values["min_new_keyframes"]:
+            return
+        round_id = self.state.rounds + 1
+        result = self._run_finetune(round_id)
+        if result is None:
+            return  # stopped
+        checkpoint, loss = Path(result["checkpoint"]), float(result["loss"])
+        self.state.last_loss = loss
+        if round_id not in self.state.deployed_rounds:  # a restart after deploy: not twice
+            self._gate_and_deploy(round_id, checkpoint)
+        self.state.rounds, self.state.trained_keys = round_id, labelled
+        self.state.save()
+
+    def _run_finetune(self, round_id: int) -> dict[str, Any] | None:
+        """``python -m depthkd_core.online.finetune`` in its own process; killed at shutdown."""
+        work = self.root / "rounds" / f"round_{round_id:04d}"  # same dir on retry: resumes
+        work.mkdir(parents=True, exist_ok=True)
+        init = self.state.init_checkpoint or self.values["student_checkpoint"]
+        cmd = [sys.executable, "-m", "depthkd_core.online.finetune", "--store",
+               str(self.root / "keyframes"), "--init", str(init), "--work", str(work)]
+        if self.values["finetune_config"]:
+            cmd += ["--config", self.values["finetune_config"]]
+        self.get_logger().info(f"round {round_id}: fine-tuning from {init}")
+        out_path = work / "result.out"  # a file, not a pipe: a chatty trainer cannot block
+        with open(out_path, "w") as out, open(work / "finetune.log", "a") as log:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=log)
+            deadline = time.monotonic() + self.values["round_timeout_s"]
+            while proc.poll() is None:
+                if self._stop.wait(0.2) or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    if self._stop.is_set():
+                        return None
+                    raise RuntimeError(f"round {round_id} exceeded round_timeout_s")
+        if proc.returncode != 0:
+            raise RuntimeError(f"fine-tuning exited with {proc.returncode}; see {work}/finetune.log")
+        return parse_round_result(out_path.read_text())
+
+    def _gate_and_deploy(self, round_id: int, checkpoint: Path) -> None:
+        from depthkd_core.online.gate import gate
+
+        # A reader of its own: the collector keeps writing while the gate scores (seconds).
+        store = KeyframeStore(self.root / "keyframes", writer=False)
+        decision = gate(checkpoint, self._live_model(), store, self.values["gate_margin"])
+        self.state.last_gate = {"deploy": decision.deploy, "live_abs_rel": decision.live_abs_rel,
+                                "candidate_abs_rel": decision.candidate_abs_rel,
+                                "margin": decision.margin, "reason": decision.reason}
+        self.get_logger().info(f"round {round_id} gate: {decision.reason}")
+        if not decision.deploy:
+            return
+        with self._registry_lock:
+            path = self.registry.deploy(checkpoint, self.values["export_height"],
+                                        self.values["export_width"])
+        self.state.init_checkpoint, self.state.on_base = str(checkpoint), False
+        self.state.deployed_rounds.append(round_id)
+        self.state.save()  # before the push: a crash now must not deploy this round again
+        self._count("deploys")
+        self._push(path)
+
+    def _live_model(self) -> Path:
+        """What the depth node should run: the registry's current, else the base model."""
+        with self._registry_lock:
+            current = None if self.state.on_base else self.registry.current()
+        return current or self._base_model()
+
+    def _base_model(self) -> Path:
+        return Path(self.values["live_model"]).expanduser() if self.values["live_model"] \
+            else PACKAGED_MODEL
+
+    def _push(self, model: Path) -> bool:
+        """Set the depth node's model parameter; its rejection reason is logged."""
+        name = self.values["depth_node_param"]
+        if not self._push_client.wait_for_service(timeout_sec=self.values["service_timeout_s"]):
+            self._count("deploy_rejected", f"no parameter service {self._push_client.srv_name}")
+            self.get_logger().error(f"cannot reach {self._push_client.srv_name}")
+            return False
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(model))
+        future = self._push_client.call_async(
+            SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)]))
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(self.values["service_timeout_s"]) or future.result() is None:
+            self._count("deploy_rejected", "depth node did not answer set_parameters")
+            return False
+        result = future.result().results[0]
+        if not result.successful:
+            self._count("deploy_rejected", f"depth node rejected {model}: {result.reason}")
+            self.get_logger().error(f"depth node rejected {model}: {result.reason}")
+            return False
+        self.deployed = str(model)
+        self.get_logger().info(f"depth node now runs {model}")
+        return True
+
+    # -- rollback ---------------------------------------------------------------------------
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for p in params:
+            if p.name == "rollback" and p.value:
+                threading.Thread(target=self._rollback, daemon=True).start()
+        return SetParametersResult(successful=True)
+
+    def _rollback(self) -> None:
+        try:
+            with self._registry_lock:
+                if self.registry is None:
+                    raise RuntimeError("model registry not open yet")
+                if self.state.on_base or self.registry.current() is None:
+                    raise ValueError("no deployed model to roll back from")
+                to_base = self.registry.previous() is None  # the first deploy: back to the base
+                model = self._base_model() if to_base else self.registry.rollback()
+                self.state.on_base = to_base
+                self.state.save()
+            if self._push(model):
+                self._count("rollbacks")
+        except Exception as exc:  # noqa: BLE001 - no previous model, unreadable registry
+            self._count("deploy_rejected", f"rollback failed: {exc}")
+            self.get_logger().error(f"rollback failed: {exc}")
+        self.set_parameters([Parameter("rollback", value=False)])
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Everything distill/status carries (also the diagnostics values)."""
+        with self._store_lock:
+            stored, pending = len(self.store.keys()), len(self.store.pending_teacher())
+        breaker = self.client.breaker
+        with self._lock:
+            counts, last_error = dict(self.counts), self.last_error
+        with self._registry_lock:
+            current = (self.registry.current() if self.registry is not None
+                       and not self.state.on_base else None)
+        return {"frames_stored": stored, "pending_teacher": pending,
+                "teacher_rtt_ms": self.teacher_ms, "teacher_failures": counts["teacher_failures"],
+                "breaker": "open" if breaker.is_open else
+                           ("half_open" if breaker.opened_at is not None else "closed"),
+                "rounds_run": self.state.rounds, "last_loss": self.state.last_loss,
+                "last_gate": self.state.last_gate,
+                "deployed_version": current.stem if current else None,
+                "store_error": self.store_error, "last_error": last_error, **counts}
+
+    def _publish_status(self) -> None:
+        status = self.status()
+        self._status.publish(String(data=json.dumps(status)))
+        level, message = DiagnosticStatus.OK, "collecting"
+        if status["breaker"] != "closed" or (status["pending_teacher"] and status["teacher_failures"]):
+            level, message = DiagnosticStatus.WARN, "teacher unavailable"
+        if status["store_error"]:
+            level, message = DiagnosticStatus.ERROR, f"store full: {status['store_error']}"
+        diag = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: distill",
+                                message=message, hardware_id=self.values["teacher_url"],
+                                values=[KeyValue(key=k, value=json.dumps(v) if isinstance(v, dict)
+                                                 else str(v)) for k, v in status.items()])
+        array = DiagnosticArray(status=[diag])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    def destroy_node(self) -> None:
+        if hasattr(self, "_threads"):
+            self._stop.set()
+            self._wake.set()
+            for thread in self._threads:
+                thread.join(timeout=10.0)
+            self.client.close()
+        super().destroy_node()
+
+
+def parse_round_result(stdout: str) -> dict[str, Any]:
+    """The fine-tuning process's last stdout line: JSON with checkpoint, steps, loss."""
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+        _ = result["checkpoint"], result["loss"]
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"fine-tuning printed no result line: {stdout[-300:]!r}") from exc
+    return result
+
+
+def main(args: list[str] | None = None) -> None:
+    """``ros2 run depthkd_ros distill_node``."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = DistillNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
