@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -136,7 +137,8 @@ def run_cli(args: argparse.Namespace) -> int:
     streams = []
     for rate in (float(r) for r in args.rates.split(",") if r.strip()):
         s = stream(model, frames, K, rate, args.duration, domain,
-                   Path(args.json).with_suffix(f".{int(rate)}hz.log"), args.cloud_decimation)
+                   Path(tempfile.gettempdir()) / f"depthkd_bench_node.{int(rate)}hz.log",
+                   args.cloud_decimation)
         streams.append(s)
         lat = s["latency"]
         print(f"  {rate:.0f} Hz for {args.duration:.0f} s: {s['output_hz']:.1f} Hz received, drop "

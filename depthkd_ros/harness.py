@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -38,6 +39,13 @@ def stamp_ns(header: Any) -> int:
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
+def cdr_stamp_ns(serialized: bytes) -> int:
+    """Stamp of a serialized message whose first field is a std_msgs/Header: CDR puts
+    a 4-byte encapsulation header, then int32 sec and uint32 nanosec."""
+    sec, nanosec = struct.unpack_from("<iI", serialized, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
 @dataclass
 class Received:
     """Messages per output topic keyed by input stamp, and each one's latency (ms)."""
@@ -50,7 +58,9 @@ class Received:
 class CameraPlayer(Node):
     """Publishes Image + CameraInfo like a camera driver; records the node's outputs.
 
-    ``keep_messages=False`` keeps only latencies (long benchmark runs).
+    ``keep_messages=False`` keeps only latencies (long benchmark runs), and then
+    subscribes to the serialized bytes: deserialising megabyte clouds in Python
+    would measure this process, not the node (RViz, a C++ subscriber, pays far less).
     """
 
     def __init__(self, context: Context, topics: tuple[str, ...] = tuple(OUTPUT_TOPICS),
@@ -67,12 +77,13 @@ class CameraPlayer(Node):
             self.received.messages[topic] = {}
             self.received.latency_ms[topic] = []
             self.create_subscription(OUTPUT_TOPICS[topic], topic,
-                                     lambda msg, t=topic: self._on_output(t, msg), qos)
+                                     lambda msg, t=topic: self._on_output(t, msg), qos,
+                                     raw=not keep_messages)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
     def _on_output(self, topic: str, msg: Any) -> None:
         now = time.time_ns()
-        stamp = stamp_ns(msg.header)
+        stamp = stamp_ns(msg.header) if self._keep else cdr_stamp_ns(msg)
         with self._lock:
             self.received.latency_ms[topic].append((now - stamp) / 1e6)
             if self._keep:
