@@ -41,6 +41,8 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
         (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
+        (f"share/{PACKAGE}/config/distill", glob("config/distill/*.yaml")),
+        (f"share/{PACKAGE}/config/bench", glob("config/bench/*.yaml")),
     ],
     python_requires=">=3.10",
     install_requires=["numpy", "opencv-python-headless", "onnxruntime", "pyyaml", "tqdm", "setuptools"],
