@@ -16,45 +16,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
-from rclpy.executors import ExternalShutdownException
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depthkd_core.export.runtime import OnnxDepthModel
 from depthkd_core.geometry import colorize_depth
-from depthkd_core.inference import (ALIGNMENTS, OUTPUT_RESOLUTIONS, SPARSE_ALIGNMENTS,
-                                    DepthEstimator, DepthResult, EstimatorConfig,
-                                    build_point_cloud)
-from depthkd_ros.conversions import (camera_info_to_intrinsics, compressed_to_rgb,
-                                     depth_image_to_numpy, depth_to_image, image_to_rgb,
-                                     intrinsics_to_camera_info, points_to_pointcloud2,
-                                     rgb_to_image)
+from depthkd_core.inference import (
+    ALIGNMENTS,
+    OUTPUT_RESOLUTIONS,
+    SPARSE_ALIGNMENTS,
+    DepthEstimator,
+    DepthResult,
+    EstimatorConfig,
+    build_point_cloud,
+)
+from depthkd_ros.conversions import (
+    camera_info_to_intrinsics,
+    compressed_to_rgb,
+    depth_image_to_numpy,
+    depth_to_image,
+    image_to_rgb,
+    intrinsics_to_camera_info,
+    points_to_pointcloud2,
+    rgb_to_image,
+)
+from depthkd_ros.node_params import (
+    RELIABILITY,
+    WARN_THROTTLE_SEC,
+    ParamSpec,
+    check_choices,
+    declare_params,
+    qos,
+    spin,
+)
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
-WARN_THROTTLE_SEC = 5.0
-_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT,
-                "reliable": ReliabilityPolicy.RELIABLE}
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One declared parameter: default (fixes the type), description, range or choices."""
-
-    name: str
-    default: Any
-    description: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    dynamic: bool = False  # settable at run time; the rest are read-only
-
-
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "ONNX depth model; empty = the packaged student "
               "(depthkd_ros/models/student.onnx). Setting it at run time hot-swaps the model",
@@ -79,29 +78,14 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cloud_rgb", True, "add the rgb field to points", dynamic=True),
     ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions "
               "(best_effort accepts reliable and best-effort publishers)",
-              choices=tuple(_RELIABILITY)),
+              choices=tuple(RELIABILITY)),
     ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
     ParamSpec("output_reliability", "reliable", "QoS reliability of the outputs (reliable "
               "serves reliable and best-effort subscribers such as RViz)",
-              choices=tuple(_RELIABILITY)),
+              choices=tuple(RELIABILITY)),
     ParamSpec("output_depth", 1, "QoS history depth of the outputs", 1, 100),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
 )
-
-
-def descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    """ParameterDescriptor with description, numeric range or choices, read_only flag."""
-    desc = ParameterDescriptor(name=spec.name, description=spec.description,
-                               read_only=not spec.dynamic)
-    if spec.choices:
-        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
-    elif isinstance(spec.default, float):
-        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low),
-                                                        to_value=float(spec.high))]
-    elif isinstance(spec.default, int) and not isinstance(spec.default, bool):
-        desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high),
-                                           step=1)]
-    return desc
 
 
 def resolve_model_path(value: str) -> Path:
@@ -115,10 +99,7 @@ def resolve_model_path(value: str) -> Path:
 
 def estimator_config(values: dict[str, Any]) -> EstimatorConfig:
     """Validate the parameter values (ValueError names the parameter) -> EstimatorConfig."""
-    for spec in PARAMS:
-        if spec.choices and values[spec.name] not in spec.choices:
-            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
-                             f"got {values[spec.name]!r}")
+    check_choices(PARAMS, values)
     size = (values["model_input_height"], values["model_input_width"])
     if (size[0] == 0) != (size[1] == 0):
         raise ValueError(f"model_input_height/width must both be 0 or both > 0, got {size}")
@@ -203,9 +184,7 @@ class DepthNode(Node):
             raise
 
     def _setup(self) -> None:
-        for spec in PARAMS:
-            self.declare_parameter(spec.name, spec.default, descriptor(spec))
-        values = self.parameter_values()
+        values = declare_params(self, PARAMS)
         self._pipeline = self._make_pipeline(values, load_estimator(values))
         self.get_logger().info(f"model {self._pipeline.model_path} on "
                                f"{self._pipeline.estimator.model.provider}")
@@ -232,10 +211,8 @@ class DepthNode(Node):
                         values["cloud_rgb"], str(resolve_model_path(values["model_path"])))
 
     def _make_topics(self, values: dict[str, Any]) -> None:
-        qos_in = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["input_depth"],
-                            reliability=_RELIABILITY[values["input_reliability"]])
-        qos_out = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["output_depth"],
-                             reliability=_RELIABILITY[values["output_reliability"]])
+        qos_in = qos(values["input_reliability"], values["input_depth"])
+        qos_out = qos(values["output_reliability"], values["output_depth"])
         if values["input_transport"] == "raw":
             self.create_subscription(Image, "image", self._on_image, qos_in)
         else:
@@ -376,18 +353,8 @@ class DepthNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """``ros2 run depthkd_ros depth_node`` (ros2/demos style)."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = DepthNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    """``ros2 run depthkd_ros depth_node``."""
+    spin(DepthNode, args)
 
 
 if __name__ == "__main__":

@@ -20,23 +20,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
 from rcl_interfaces.srv import SetParameters
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from depthkd_core.online.keyframes import KeyframeSelector, KeyframeStore, StoreFullError
+from depthkd_core.online.keyframes import (
+    KeyframeSelector,
+    KeyframeStore,
+    StoreFullError,
+)
 from depthkd_core.serving.client import TeacherClient, TeacherRequestError
-from depthkd_ros.conversions import camera_info_to_intrinsics, compressed_to_rgb, image_to_rgb
-from depthkd_ros.depth_node import (_RELIABILITY, PACKAGED_MODEL, WARN_THROTTLE_SEC, ParamSpec,
-                                    descriptor)
+from depthkd_ros.conversions import (
+    camera_info_to_intrinsics,
+    compressed_to_rgb,
+    image_to_rgb,
+)
+from depthkd_ros.depth_node import PACKAGED_MODEL
+from depthkd_ros.node_params import (
+    RELIABILITY,
+    WARN_THROTTLE_SEC,
+    ParamSpec,
+    check_choices,
+    declare_params,
+    qos,
+    spin,
+)
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("store_dir", "", "state directory: keyframes/, models/, rounds/, state.json "
@@ -50,7 +63,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("input_transport", "raw", "subscribe to image (raw) or image/compressed",
               choices=("raw", "compressed")),
     ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions",
-              choices=tuple(_RELIABILITY)),
+              choices=tuple(RELIABILITY)),
     ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
     ParamSpec("teacher_url", "", "teacher server base URL, e.g. http://ws:8000 (required)"),
     ParamSpec("model_name", "teacher", "teacher model name on the server"),
@@ -89,10 +102,7 @@ PARAMS: tuple[ParamSpec, ...] = (
 
 def validate(values: dict[str, Any]) -> None:
     """Start-up checks (ValueError/FileNotFoundError naming the parameter)."""
-    for spec in PARAMS:
-        if spec.choices and values[spec.name] not in spec.choices:
-            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
-                             f"got {values[spec.name]!r}")
+    check_choices(PARAMS, values)
     for name in ("store_dir", "teacher_url", "model_name", "depth_node", "depth_node_param"):
         if not values[name]:
             raise ValueError(f"parameter {name} must be set")
@@ -155,9 +165,7 @@ class DistillNode(Node):
             raise
 
     def _setup(self) -> None:
-        for spec in PARAMS:
-            self.declare_parameter(spec.name, spec.default, descriptor(spec))
-        v = self.values = {spec.name: self.get_parameter(spec.name).value for spec in PARAMS}
+        v = self.values = declare_params(self, PARAMS)
         validate(v)
         root = Path(v["store_dir"]).expanduser()
         root.mkdir(parents=True, exist_ok=True)
@@ -194,13 +202,12 @@ class DistillNode(Node):
             thread.start()
 
     def _make_topics(self, v: dict[str, Any]) -> None:
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=v["input_depth"],
-                         reliability=_RELIABILITY[v["input_reliability"]])
+        qos_in = qos(v["input_reliability"], v["input_depth"])
         if v["input_transport"] == "raw":
-            self.create_subscription(Image, "image", self._on_image, qos)
+            self.create_subscription(Image, "image", self._on_image, qos_in)
         else:
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
-        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos)
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in)
+        self.create_subscription(CameraInfo, "camera_info", self._on_info, qos_in)
         self._status = self.create_publisher(String, "distill/status", 10)
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
@@ -296,7 +303,9 @@ class DistillNode(Node):
 
     # -- supervisor: rounds in a separate process, gate, deploy ----------------------------
     def _supervise_loop(self) -> None:
-        from depthkd_core.online.gate import ModelRegistry  # torch: off the start-up path
+        from depthkd_core.online.gate import (
+            ModelRegistry,  # torch: off the start-up path
+        )
 
         with self._registry_lock:
             self.registry = ModelRegistry(self.root / "models")
@@ -497,17 +506,7 @@ def parse_round_result(stdout: str) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> None:
     """``ros2 run depthkd_ros distill_node``."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = DistillNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    spin(DistillNode, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""What every depthkd node shares: declared parameters, QoS from parameters, main().
+
+A node lists its parameters as ``ParamSpec``s; ``declare_params`` declares them
+with descriptions, ranges and read-only flags and returns their values, checked
+against their choices, so a bad value stops the node with a message naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+WARN_THROTTLE_SEC = 5.0
+RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT,
+               "reliable": ReliabilityPolicy.RELIABLE}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One declared parameter: default (fixes the type), description, range or choices."""
+
+    name: str
+    default: Any
+    description: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    dynamic: bool = False  # settable at run time; the rest are read-only
+
+
+def descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    """ParameterDescriptor with description, numeric range or choices, read_only flag."""
+    desc = ParameterDescriptor(name=spec.name, description=spec.description,
+                               read_only=not spec.dynamic)
+    if spec.choices:
+        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
+    elif isinstance(spec.default, float):
+        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low),
+                                                        to_value=float(spec.high))]
+    elif isinstance(spec.default, int) and not isinstance(spec.default, bool):
+        desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high),
+                                           step=1)]
+    return desc
+
+
+def check_choices(specs: tuple[ParamSpec, ...], values: dict[str, Any]) -> None:
+    """ValueError naming the first parameter whose value is not one of its choices."""
+    for spec in specs:
+        if spec.choices and values[spec.name] not in spec.choices:
+            raise ValueError(f"parameter {spec.name} must be one of {', '.join(spec.choices)}, "
+                             f"got {values[spec.name]!r}")
+
+
+def declare_params(node: Node, specs: tuple[ParamSpec, ...]) -> dict[str, Any]:
+    """Declare every spec on ``node``; return the values (overrides applied), choices checked."""
+    for spec in specs:
+        node.declare_parameter(spec.name, spec.default, descriptor(spec))
+    values = {spec.name: node.get_parameter(spec.name).value for spec in specs}
+    check_choices(specs, values)
+    return values
+
+
+def qos(reliability: str, depth: int) -> QoSProfile:
+    """KEEP_LAST ``depth`` with the named reliability (a RELIABILITY key)."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                      reliability=RELIABILITY[reliability])
+
+
+def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
+    """The standard node main() (ros2/demos style): Ctrl-C and external shutdown end quietly."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = make_node()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
