@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("depthkd_ros.demo", "run the live depth node on the bundled sequence"),
     "bench": ("depthkd_core.bench.run", "data-free distillation benchmark, Table II (config/bench/*.yaml)"),
     "bench-node": ("depthkd_ros.bench", "measure the live node: inference, overhead, rates, memory"),
+    "bench-distill": ("depthkd_ros.bench_distill",
+                      "on-robot distillation loop: keyframes/s, teacher ms, steps/s, AbsRel"),
 }
 
 
