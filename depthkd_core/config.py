@@ -9,7 +9,6 @@ as ``1e-3`` load as floats, not strings.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from depthkd_core.atomic import atomic_open
 
 C = TypeVar("C")
 
@@ -146,7 +147,5 @@ def load_config(cls: type[C], path: str | Path | None = None,
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -11,7 +11,6 @@ topics to it. Topics, parameters and files are documented in docs/distill_node.m
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
+from depthkd_core.atomic import atomic_open
 from depthkd_core.online.keyframes import (
     KeyframeSelector,
     KeyframeStore,
@@ -145,12 +145,8 @@ class State:
                 "init_checkpoint": self.init_checkpoint, "deployed_rounds": self.deployed_rounds,
                 "last_loss": self.last_loss, "last_gate": self.last_gate,
                 "on_base": self.on_base}
-        tmp = self.path.with_suffix(".tmp")
-        with self._lock, open(tmp, "w") as f:
+        with self._lock, atomic_open(self.path, "w") as f:
             json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(tmp, self.path)
 
 
 class DistillNode(Node):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from depthkd_core.atomic import atomic_open
 
 
 def _valid_points(points: np.ndarray, colors: np.ndarray | None
@@ -39,16 +39,9 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = 
         rows["red"], rows["green"], rows["blue"] = cols[:, 0], cols[:, 1], cols[:, 2]
     header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(pts)}\n"
               f"{props}end_header\n").encode("ascii")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(rows.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(header)
+        f.write(rows.tobytes())
     return len(pts)
 
 

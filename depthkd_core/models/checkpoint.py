@@ -8,8 +8,6 @@ reads it without running pickled code.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_open
 from ..config import from_dict
 from .config import ModelConfig
 from .depthnet import DepthNet, build_model
@@ -52,16 +51,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: ModelConfig, 
                "state_dict": module.state_dict(), **{k: _plain(v) for k, v in extra.items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -9,8 +9,6 @@ wrap calls in ``torch.no_grad()`` otherwise.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_open
 from .checkpoint import load_checkpoint
 
 
@@ -169,10 +168,8 @@ class CachedTeacher(Teacher):
         return self.cache_dir / f"{digest.hexdigest()[:40]}.npy"
 
     def _store(self, path: Path, depth: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=self.cache_dir)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path) as f:
             np.save(f, depth)
-        os.replace(tmp, path)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self._check(images)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from depthkd_core.atomic import atomic_open
 from depthkd_core.config import load_config
 from depthkd_core.methods import METHODS
 from depthkd_core.methods.config import DistillConfig
@@ -142,9 +142,8 @@ def _round_data(store_root: Path, work_dir: Path, cfg: FinetuneConfig) -> dict[s
     if not path.is_file():
         store = KeyframeStore(store_root, writer=False)
         data = snapshot_store(store, store.train_keys(), cfg.height, cfg.width)
-        tmp = work_dir / f".{SNAPSHOT}.tmp.npz"
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
+        with atomic_open(path) as handle:
+            np.savez(handle, **data)
     with np.load(path, allow_pickle=False) as loaded:
         return {k: loaded[k] for k in loaded.files}
 
@@ -200,9 +199,8 @@ def run_round(store_root: str | Path, init_checkpoint: str | Path, work_dir: str
     final = Trainer(student, step, dataset, dcfg, extra_optimizers=method.extra_optimizers(),
                     extra_modules=method.extra_modules()).fit()
     result = RoundResult(final, cfg.steps_per_round, float(np.mean(recent)) if recent else float("nan"))
-    tmp = work_dir / f".{DONE}.tmp"
-    tmp.write_text(json.dumps({**asdict(result), "checkpoint": str(final)}))
-    os.replace(tmp, done)
+    with atomic_open(done, "w") as handle:
+        handle.write(json.dumps({**asdict(result), "checkpoint": str(final)}))
     return result
 
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from depthkd_core.atomic import atomic_open
 from depthkd_core.evaluate.metrics import compute_depth_metrics
 from depthkd_core.export.onnx_export import export_onnx
 from depthkd_core.export.runtime import OnnxDepthModel
@@ -107,12 +108,8 @@ class DeployError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
+    with atomic_open(path, "w") as handle:
         json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class ModelRegistry:

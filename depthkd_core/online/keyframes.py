@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shutil
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from depthkd_core.atomic import TMP_SUFFIX, atomic_open
 from depthkd_core.data.frame import Frame, intrinsics_from_dict, intrinsics_to_dict
 from depthkd_core.geometry import Intrinsics
 
 THUMB_SIZE = (32, 24)  # (width, height) of the novelty thumbnails
 KEY_DIGITS = 10
-TMP_SUFFIX = ".tmp"
 
 
 def _thumbnail(rgb: np.ndarray) -> np.ndarray:
@@ -86,15 +85,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a hidden temp file + fsync + os.replace; ENOSPC -> StoreFullError."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_open(path) as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise StoreFullError(errno.ENOSPC, f"disk full while writing {path}") from exc
         raise
