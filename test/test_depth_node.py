@@ -39,6 +39,7 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      image_to_rgb, numpy_to_image,
                                      pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from test_inference import FASTDEPTH, TUM, write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 47  # unique per test module so parallel runs never cross
@@ -50,16 +51,6 @@ MIN_D, MAX_D = 1.5, 4.0
 _stamps = itertools.count(1)
 
 needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared FastDepth missing")
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
 
 
 class Harness:

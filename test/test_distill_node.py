@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E4
 from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
+import helpers  # noqa: E402
 from test_inference import write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 57
@@ -51,14 +53,8 @@ K = Intrinsics(fx=60.0, fy=62.0, cx=31.5, cy=23.5, width=W, height=H)
 TOKEN = "distill-token"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+# Fine-tuning rounds and HTTP round trips are slower than the depth node's frames.
+wait_until = partial(helpers.wait_until, timeout=15.0, interval=0.02)
 
 
 class RampTeacher(Teacher):
