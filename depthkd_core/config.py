@@ -78,6 +78,15 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if value is not None:
             raise ValueError(f"config key {where} must be a mapping, got {value!r}")
         return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and args and _is_dataclass_type(args[0]):
+        if not isinstance(value, list):
+            raise ValueError(f"config key {where} must be a list, got {value!r}")
+        return [_convert(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict and len(args) == 2 and _is_dataclass_type(args[1]):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {where} must be a mapping, got {value!r}")
+        return {key: _convert(item, args[1], f"{where}.{key}") for key, item in value.items()}
     if not any(_matches(value, arg) for arg in _union_args(hint)):
         raise ValueError(f"config key {where} has the wrong type: {value!r} is not {hint}")
     if tp is float and isinstance(value, int):

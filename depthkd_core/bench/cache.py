@@ -50,6 +50,11 @@ def run_hash(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> str:
     return config_hash({"config": data, **(extra or {})})
 
 
+def _safe(name: str) -> str:
+    """A stage name as a file name (``relative:teacher`` -> ``relative_teacher``)."""
+    return name.replace(":", "_")
+
+
 class BenchCache:
     """Stage cache under ``out``; ``force`` names rows recomputed once in this run.
 
@@ -107,10 +112,23 @@ class BenchCache:
         self.trained.append(name)
         return final, seconds
 
+    def file(self, name: str, kind: str, key: Any, suffix: str, make: Callable[[Path], Any]) -> Path:
+        """A file made by ``make(path)`` at <kind>/<name>-<hash><suffix>, unless it exists."""
+        path = self.out / kind / f"{_safe(name)}-{config_hash(key)}{suffix}"
+        self._forced(name, path)
+        if path.is_file():
+            self.hits.append(f"{kind}:{name}")
+            log.info("cache hit: %s %s (%s)", kind, name, path)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make(path)
+        self.trained.append(f"{kind}:{name}")
+        return path
+
     def result(self, name: str, kind: str, key: Any, compute: Callable[[], dict[str, Any]]
                ) -> dict[str, Any]:
         """A JSON result (evaluation, bench-transform) in <kind>/<name>-<hash>.json."""
-        path = self.out / kind / f"{name}-{config_hash(key)}.json"
+        path = self.out / kind / f"{_safe(name)}-{config_hash(key)}.json"
         self._forced(name, path)
         if path.is_file():
             self.hits.append(f"{kind}:{name}")

@@ -14,6 +14,8 @@ from depthkd_core.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "config" / "bench"
+# split -> (simulator style, seed offset)
+SPLITS = {"target_train": ("target", 0), "target_test": ("target", 1), "sim": ("sim", 2)}
 
 
 @dataclass
@@ -85,6 +87,47 @@ class TransformSpec:
     lr_x: float = 0.01
 
 
+ROW_DATA = ("sim", "target_train")
+
+
+@dataclass
+class RowSpec:
+    """A row of a section: config/distill/<config>.yaml under ``name``.
+
+    teacher: ``teacher`` or a key of ``BenchPreset.teachers``. relative_teacher: the
+    rows get that teacher as a relative-disparity ONNX file (bench/relative.py) and
+    are evaluated ``lsq``-aligned. data: the transfer images (target_train: the
+    target domain's training images; depth is read only by methods that use labels).
+    The student is the bench student's encoder and decoder with the row config's head
+    (and LG-Conv) settings.
+    """
+
+    name: str
+    config: str
+    teacher: str = "teacher"
+    relative_teacher: bool = False
+    data: str = "target_train"
+
+    def __post_init__(self) -> None:
+        if self.data not in ROW_DATA:
+            raise ValueError(f"row {self.name}: data must be one of {ROW_DATA}, got '{self.data}'")
+        resolve_config(f"config/distill/{self.config}.yaml")
+
+
+@dataclass
+class SectionSpec:
+    """A table of rows testing one paper's claims.
+
+    pairs: [worse, better] row names (or ``teacher``/``student``/``relative:<teacher>``)
+    whose AbsRel the paper orders; the report says per pair whether it held.
+    """
+
+    title: str
+    claim: str
+    rows: list[RowSpec] = field(default_factory=list)
+    pairs: list[list[str]] = field(default_factory=list)
+
+
 @dataclass
 class BenchPreset:
     """One benchmark: data, teacher, supervised student, distillation rows, evaluation."""
@@ -97,14 +140,31 @@ class BenchPreset:
     min_mac_ratio: float = 10.0
     eval: EvalSpec = field(default_factory=EvalSpec)
     transform: TransformSpec | None = None
+    teachers: dict[str, RunSpec] = field(default_factory=dict)
+    sections: list[SectionSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        reserved = {"teacher", "student"} & set(self.rows)
-        if reserved or len(set(self.rows)) != len(self.rows):
-            raise ValueError(f"bench rows must be distinct config/distill names other than "
-                             f"teacher/student, got {self.rows}")
+        names = self.rows + [r.name for s in self.sections for r in s.rows]
+        reserved = {"teacher", "student", "transform", *self.teachers} & set(names)
+        if reserved or len(set(names)) != len(names):
+            raise ValueError(f"bench rows must have distinct names other than teacher, student, "
+                             f"transform and the extra teachers, got {names}")
         for row in self.rows:
             resolve_config(f"config/distill/{row}.yaml")
+        known = {"teacher", "student", *names, *self.teachers,
+                 *(f"relative:{r.teacher}" for s in self.sections for r in s.rows if r.relative_teacher)}
+        for section in self.sections:
+            for row in section.rows:
+                if row.teacher != "teacher" and row.teacher not in self.teachers:
+                    raise ValueError(f"row {row.name}: unknown teacher '{row.teacher}'; "
+                                     f"known: teacher, {', '.join(self.teachers) or '(no others)'}")
+            for pair in section.pairs:
+                if len(pair) != 2 or not set(pair) <= known:
+                    raise ValueError(f"section '{section.title}': pair {pair} must name two of "
+                                     f"{sorted(known)}")
+
+    def section_rows(self) -> list[RowSpec]:
+        return [row for section in self.sections for row in section.rows]
 
 
 def resolve_config(path: str | Path) -> Path:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from depthkd_core.bench.cache import BenchCache, file_hash
-from depthkd_core.bench.preset import BenchPreset, load_preset, resolve_config
-from depthkd_core.bench.table import build_rows, check_claim, render_report
+from depthkd_core.bench.preset import SPLITS, BenchPreset, RowSpec, load_preset, resolve_config
+from depthkd_core.bench.relative import RELATIVE_OUTPUT, export_relative_teacher
+from depthkd_core.bench.table import build_rows, check_claim, render_report, section_table
 from depthkd_core.data import DepthDataset, build_reader
 from depthkd_core.evaluate.profile import count_macs
 from depthkd_core.evaluate.report import evaluate_model, model_cost
@@ -35,8 +36,6 @@ from depthkd_core.train.config import TrainConfig, load_train_config
 from depthkd_core.train.supervised import train_supervised
 
 log = logging.getLogger(__name__)
-
-SPLITS = {"target_train": ("target", 0), "target_test": ("target", 1), "sim": ("sim", 2)}
 
 
 @dataclass
@@ -52,6 +51,7 @@ class BenchResult:
     report_md: Path
     report_json: Path
     seconds: float
+    sections: list[dict[str, Any]]
 
 
 def check_mac_ratio(teacher: ModelConfig, student: ModelConfig, size: tuple[int, int],
@@ -70,8 +70,8 @@ def check_mac_ratio(teacher: ModelConfig, student: ModelConfig, size: tuple[int,
 
 
 def supervised_config(preset: BenchPreset, which: str, train_root: Path) -> TrainConfig:
-    """The teacher's or student's TrainConfig: its base YAML + overrides, on target train."""
-    spec = getattr(preset, which)
+    """A teacher's or the student's TrainConfig: its base YAML + overrides, on target train."""
+    spec = preset.teachers[which] if which in preset.teachers else getattr(preset, which)
     cfg = load_train_config(resolve_config(spec.base), spec.overrides)
     data = replace(cfg.data, root=str(train_root), reader="sim", val_root=None, val_reader=None,
                    height=preset.data.height, width=preset.data.width)
@@ -81,25 +81,51 @@ def supervised_config(preset: BenchPreset, which: str, train_root: Path) -> Trai
 def distill_config(preset: BenchPreset, row: str, student: ModelConfig, teacher: Path,
                    sim_root: Path) -> DistillConfig:
     """config/distill/<row>.yaml + the preset's overrides, on the benchmark's sim set and teacher."""
+    cfg = load_distill_config(resolve_config(f"config/distill/{row}.yaml"), preset.distill.overrides)
+    return _placed(preset, cfg, student, teacher, sim_root, "sim", preset.data.sim)
+
+
+def section_config(preset: BenchPreset, row: RowSpec, student: ModelConfig, teacher: Path,
+                   roots: dict[str, Path]) -> DistillConfig:
+    """A section row: its config with the bench student's encoder/decoder (keeping the row's
+    head and LG-Conv), on ``row.data``, from ``teacher`` (relative ONNX when asked)."""
+    cfg = load_distill_config(resolve_config(f"config/distill/{row.config}.yaml"),
+                              preset.distill.overrides)
+    model = replace(cfg.model, encoder=student.encoder, decoder_channels=student.decoder_channels,
+                    min_depth=student.min_depth, max_depth=student.max_depth)
+    if row.relative_teacher:
+        cfg = replace(cfg, teacher_output=RELATIVE_OUTPUT)
+    return _placed(preset, cfg, model, teacher, roots[row.data], cfg.data.reader,
+                   getattr(preset.data, row.data))
+
+
+def _placed(preset: BenchPreset, cfg: DistillConfig, model: ModelConfig, teacher: Path,
+            root: Path, reader: str, count: int) -> DistillConfig:
+    """The benchmark's data (``count`` frames), size, student, teacher and schedule on a row's config."""
     spec = preset.distill
-    cfg = load_distill_config(resolve_config(f"config/distill/{row}.yaml"), spec.overrides)
-    # the paper halves the rate every 5 epochs; an epoch here is the sim set at this batch size
-    step_size = max(1, round(spec.halve_every_epochs * preset.data.sim / spec.batch_size))
+    # unlabelled readers take the rgb/ folder of the rendered split
+    root = root / "rgb" if reader == "images" else root
+    # the paper halves the rate every 5 epochs; an epoch here is the transfer set at this batch size
+    step_size = max(1, round(spec.halve_every_epochs * count / spec.batch_size))
     optim = replace(cfg.optim, batch_size=spec.batch_size, step_size=step_size)
-    data = replace(cfg.data, root=str(sim_root), reader="sim", height=preset.data.height,
+    data = replace(cfg.data, root=str(root), reader=reader, height=preset.data.height,
                    width=preset.data.width)
-    return replace(cfg, teacher=str(teacher), model=student, data=data, optim=optim,
+    return replace(cfg, teacher=str(teacher), model=model, data=data, optim=optim,
                    max_steps=spec.max_steps)
 
 
-def evaluate_checkpoint(path: Path, test_root: Path, preset: BenchPreset, progress: bool
-                        ) -> dict[str, Any]:
-    """AbsRel/RMSE/delta1... on target test, plus params, MACs and CPU latency at batch 1."""
+def evaluate_checkpoint(path: Path, test_root: Path, preset: BenchPreset, progress: bool,
+                        output: str = "auto", alignment: str = "none") -> dict[str, Any]:
+    """AbsRel/RMSE/delta1... on target test, plus params, MACs and CPU latency at batch 1.
+
+    ``output``: what an ONNX file predicts (load_teacher); relative models are
+    evaluated with ``alignment`` (lsq), in disparity space for inverse ones."""
     ev, size = preset.eval, (preset.data.height, preset.data.width)
-    teacher = load_teacher(path)
+    teacher = load_teacher(path, output=output)
     dataset = DepthDataset(build_reader("sim", test_root), *size)
     metrics = evaluate_model(teacher, dataset, min_depth=ev.min_depth, max_depth=ev.max_depth,
-                             batch_size=ev.batch_size, progress=progress)
+                             batch_size=ev.batch_size, progress=progress, alignment=alignment,
+                             inverse=teacher.is_inverse)
     return {**metrics, **model_cost(teacher, (1, 3, *size), ev.latency_runs)}
 
 
@@ -115,68 +141,151 @@ def _transform(preset: BenchPreset, cache: BenchCache, teacher: Path, teacher_sh
         spec.max_iterations, spec.lr_x))
 
 
+@dataclass
+class _Stage:
+    """A model to evaluate: its file, how it is read, and what trained it."""
+
+    path: Path
+    seconds: float
+    steps: int
+    output: str = "auto"
+    alignment: str = "none"
+
+
+def stage_names(preset: BenchPreset) -> list[str]:
+    """Every name ``--rows``/``--force`` accept, in run order."""
+    relative = sorted({f"relative:{r.teacher}" for r in preset.section_rows() if r.relative_teacher})
+    return ["teacher", *preset.teachers, "student", *preset.rows, *relative,
+            *(r.name for r in preset.section_rows()), "transform"]
+
+
 def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = None,
-              progress: bool = True, preset_name: str = "custom") -> BenchResult:
-    """Every stage of the benchmark, each cached under ``out``; ``force`` rows are recomputed."""
+              progress: bool = True, preset_name: str = "custom",
+              only: list[str] | None = None) -> BenchResult:
+    """Every stage of the benchmark, each cached under ``out``; ``force`` stages are recomputed.
+
+    ``only``: run just these stages (and the teachers they need), e.g. one process per
+    core; a last run without ``only`` collects every row from the cache into the report.
+    """
     start = time.perf_counter()
-    known = {"teacher", "student", "transform", *preset.rows}
-    unknown = sorted(set(force or []) - known)
+    known = stage_names(preset)
+    unknown = sorted(set(force or []) - set(known)) + sorted(set(only or []) - set(known))
     if unknown:
-        raise ValueError(f"--force names unknown row(s) {unknown}; rows: {sorted(known)}")
+        raise ValueError(f"--force/--rows name unknown stage(s) {unknown}; stages: {known}")
+    wanted = set(known if only is None else only)
+    needed = wanted | {r.teacher for r in preset.section_rows() if r.name in wanted}
+    needed |= {r.teacher for r in preset.section_rows() if f"relative:{r.teacher}" in wanted}
+    if wanted & {*preset.rows, "transform"}:
+        needed.add("teacher")
     cache, d = BenchCache(out, force or []), preset.data
     roots = {split: cache.dataset(split, style, getattr(d, split), d.height, d.width,
                                   d.seed + offset, d.workers)
              for split, (style, offset) in SPLITS.items()}
+    supervised = ["teacher", *preset.teachers, "student"]
     configs: dict[str, TrainConfig] = {w: supervised_config(preset, w, roots["target_train"])
-                                       for w in ("teacher", "student")}
-    ratio = check_mac_ratio(configs["teacher"].model, configs["student"].model,
-                            (d.height, d.width), preset.min_mac_ratio)
-    runs = {w: cache.train(w, configs[w], train_supervised) for w in ("teacher", "student")}
-    teacher, teacher_sha = runs["teacher"][0], file_hash(runs["teacher"][0])
+                                       for w in supervised}
+    ratios = {w: check_mac_ratio(configs[w].model, configs["student"].model, (d.height, d.width),
+                                 preset.min_mac_ratio) for w in supervised if w != "student"}
+    stages: dict[str, _Stage] = {}
+    for w in supervised:
+        if w in needed:
+            path, seconds = cache.train(w, configs[w], train_supervised)
+            stages[w] = _Stage(path, seconds, configs[w].max_steps)
+    student = configs["student"].model
     for row in preset.rows:
-        configs[row] = distill_config(preset, row, configs["student"].model, teacher, roots["sim"])
-        runs[row] = cache.train(row, configs[row], distill, extra={"teacher_sha": teacher_sha})
+        if row in wanted:
+            cfg = distill_config(preset, row, student, stages["teacher"].path, roots["sim"])
+            path, seconds = cache.train(row, cfg, distill,
+                                        extra={"teacher_sha": file_hash(stages["teacher"].path)})
+            stages[row] = _Stage(path, seconds, cfg.max_steps)
+    for row in preset.section_rows():
+        relative = f"relative:{row.teacher}"
+        if row.relative_teacher and (row.name in wanted or relative in wanted):
+            if relative not in stages:
+                stages[relative] = _relative_stage(cache, relative, stages[row.teacher].path, d)
+        if row.name in wanted:
+            teacher = stages[relative if row.relative_teacher else row.teacher].path
+            cfg = section_config(preset, row, student, teacher, roots)
+            path, seconds = cache.train(row.name, cfg, distill, extra={"teacher_sha": file_hash(teacher)})
+            stages[row.name] = _Stage(path, seconds, cfg.max_steps,
+                                      alignment="lsq" if row.relative_teacher else "none")
     results: dict[str, dict[str, Any]] = {}
-    for name, (ckpt, seconds) in runs.items():
-        key = {"checkpoint": file_hash(ckpt), "test": roots["target_test"].name,
-               "eval": asdict(preset.eval), "size": [d.height, d.width]}
-        metrics = cache.result(name, "eval", key, lambda c=ckpt: evaluate_checkpoint(
-            c, roots["target_test"], preset, progress))
-        results[name] = {**metrics, "steps": configs[name].max_steps, "train_s": seconds}
-    transform = _transform(preset, cache, teacher, teacher_sha, roots["sim"])
-    return _write(preset, preset_name, Path(out), results, transform, ratio, cache,
+    for name, stage in stages.items():
+        key = {"checkpoint": file_hash(stage.path), "test": roots["target_test"].name,
+               "eval": asdict(preset.eval), "size": [d.height, d.width], "output": stage.output,
+               "alignment": stage.alignment}
+        metrics = cache.result(name, "eval", key, lambda s=stage: evaluate_checkpoint(
+            s.path, roots["target_test"], preset, progress, s.output, s.alignment))
+        results[name] = {**metrics, "steps": stage.steps, "train_s": stage.seconds,
+                         "alignment": stage.alignment}
+    transform = None
+    if "transform" in wanted:
+        transform = _transform(preset, cache, stages["teacher"].path, file_hash(stages["teacher"].path),
+                               roots["sim"])
+    return _write(preset, preset_name, Path(out), results, transform, ratios, cache,
                   time.perf_counter() - start)
 
 
-def _header(preset: BenchPreset, name: str, ratio: float, seconds: float, train_s: float
-            ) -> list[str]:
+def _relative_stage(cache: BenchCache, name: str, teacher: Path, d: Any) -> _Stage:
+    """The teacher as a relative-disparity ONNX file (bench/relative.py), cached."""
+    key = {"teacher": file_hash(teacher), "size": [d.height, d.width]}
+    start = time.perf_counter()
+    path = cache.file(name, "relative", key, ".onnx",
+                      lambda p: export_relative_teacher(teacher, p, d.height, d.width))
+    return _Stage(path, time.perf_counter() - start, 0, RELATIVE_OUTPUT, "lsq")
+
+
+def _header(preset: BenchPreset, name: str, ratios: dict[str, float], seconds: float,
+            train_s: float) -> list[str]:
     d, t, s = preset.data, preset.teacher, preset.student
+    extra = "".join(f"; teacher `{k}`: `{v.base}` {v.overrides}" for k, v in preset.teachers.items())
+    macs = ", ".join(f"{k} {r:.1f}x" for k, r in ratios.items())
     return [f"# depthkd benchmark: preset `{name}`", "",
             f"`depthkd bench --preset {name}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"training of all rows {train_s / 60:.1f} min (when each was trained); wall time of "
             f"this invocation {seconds / 60:.1f} min (cached stages cost ~0).",
             f"Data: target train {d.target_train}, target test {d.target_test}, sim {d.sim} frames "
             f"at {d.height}x{d.width}. Teacher `{t.base}` {t.overrides}; student `{s.base}` "
-            f"{s.overrides}; teacher/student MACs {ratio:.1f}x. Distillation: "
-            f"{preset.distill.max_steps} steps, batch {preset.distill.batch_size}, sim images only."]
+            f"{s.overrides}{extra}; teacher/student MACs: {macs}. Distillation: "
+            f"{preset.distill.max_steps} steps, batch {preset.distill.batch_size}; the data-free "
+            "rows on sim images only, section rows on the images they name."]
+
+
+def _sections(preset: BenchPreset, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each section's table: the teachers its rows learn from, then its rows."""
+    tables = []
+    for section in preset.sections:
+        refs: list[tuple[str, str]] = []
+        for row in section.rows:
+            ref = f"relative:{row.teacher}" if row.relative_teacher else row.teacher
+            label = (f"Teacher `{row.teacher}` as relative disparity (ONNX)" if row.relative_teacher
+                     else f"Teacher `{row.teacher}` (supervised)")
+            if (ref, label) not in refs:
+                refs.append((ref, label))
+        rows = refs + [(r.name, f"`{r.config}`") for r in section.rows]
+        tables.append(section_table(section.title, section.claim, rows, section.pairs, results))
+    return tables
 
 
 def _write(preset: BenchPreset, name: str, out: Path, results: dict[str, dict[str, Any]],
-           transform: dict[str, Any] | None, ratio: float, cache: BenchCache,
+           transform: dict[str, Any] | None, ratios: dict[str, float], cache: BenchCache,
            seconds: float) -> BenchResult:
-    rows, claim = build_rows(results), check_claim(results)
+    main = {k: v for k, v in results.items() if k in ("teacher", "student", *preset.rows)}
+    rows, claim, sections = build_rows(main), check_claim(main), _sections(preset, results)
     spec = preset.transform
     text = (format_report(transform, spec.batch_size, preset.data.height, preset.data.width)
             if transform is not None and spec is not None else None)
     train_s = sum(r["train_s"] for r in results.values())
-    report = render_report(rows, claim, _header(preset, name, ratio, seconds, train_s), text)
+    report = render_report(rows, claim, _header(preset, name, ratios, seconds, train_s), text, sections)
     md, js = out / "report.md", out / "report.json"
     md.write_text(report)
     js.write_text(json.dumps({"preset": name, "preset_config": asdict(preset), "rows": rows,
-                              "claim": claim, "transform": transform, "mac_ratio": ratio,
+                              "claim": claim, "sections": sections, "transform": transform,
+                              "mac_ratio": ratios["teacher"], "mac_ratios": ratios,
                               "trained": cache.trained, "cache_hits": cache.hits,
                               "seconds": seconds}, indent=2, default=str) + "\n")
-    return BenchResult(rows, claim, transform, ratio, cache.trained, cache.hits, md, js, seconds)
+    return BenchResult(rows, claim, transform, ratios["teacher"], cache.trained, cache.hits, md, js,
+                       seconds, sections)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +294,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default runs/bench/<preset>)")
     parser.add_argument("--force", action="append", default=[], metavar="ROW",
-                        help="recompute this row (teacher, student, a distillation row, transform); repeatable")
+                        help="recompute this stage (teacher, student, a row, transform); repeatable")
+    parser.add_argument("--rows", default=None, metavar="A,B,...",
+                        help="run only these stages (and the teachers they need), e.g. a second "
+                             "process on the other core; a run without --rows collects them all")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars while evaluating")
 
 
@@ -196,7 +308,9 @@ def run_cli(args: argparse.Namespace) -> int:
     name = Path(args.preset).stem
     out = args.out if args.out is not None else Path("runs/bench") / name
     out.mkdir(parents=True, exist_ok=True)
-    result = run_bench(preset, out, args.force, progress=not args.no_progress, preset_name=name)
+    only = [r for r in args.rows.split(",") if r] if args.rows is not None else None
+    result = run_bench(preset, out, args.force, progress=not args.no_progress, preset_name=name,
+                       only=only)
     print(result.report_md.read_text(), end="")
     print(f"trained: {result.trained or 'nothing (all cached)'}; report: {result.report_md}, "
           f"{result.report_json}; {result.seconds / 60:.1f} min")

@@ -87,13 +87,53 @@ def _claim_lines(claim: dict[str, Any]) -> list[str]:
     return lines
 
 
+SECTION_COLUMNS = ("row", "method", "alignment", "abs_rel", "rmse", "delta1", "params_M",
+                   "GMACs", "latency_ms", "steps", "train_s")
+
+
+def check_pairs(pairs: list[list[str]], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each [worse, better] pair whose rows were run: AbsRel of both, margin, and whether
+    ``worse`` really has the higher AbsRel."""
+    checked = []
+    for worse, better in pairs:
+        if worse in results and better in results:
+            a, b = results[worse]["abs_rel"], results[better]["abs_rel"]
+            checked.append({"worse": worse, "better": better, "abs_rel_worse": a,
+                            "abs_rel_better": b, "margin": a - b, "held": bool(a > b)})
+    return checked
+
+
+def section_table(title: str, claim: str, rows: list[tuple[str, str]],
+                  pairs: list[list[str]], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One section: (name, method label) rows present in ``results``, and its pairs checked."""
+    table = [{"row": name, "method": label, **{c: results[name][c] for c in SECTION_COLUMNS
+                                              if c in results[name]}}
+             for name, label in rows if name in results]
+    return {"title": title, "claim": claim, "rows": table, "pairs": check_pairs(pairs, results)}
+
+
+def _section_lines(section: dict[str, Any]) -> list[str]:
+    lines = ["", f"## {section['title']}", "", f"Paper: {section['claim']}", ""]
+    if not section["rows"]:
+        return lines + ["(not run)"]
+    lines.append(to_markdown(section["rows"], list(SECTION_COLUMNS)))
+    for p in section["pairs"]:
+        lines.append(f"- {p['worse']} ({p['abs_rel_worse']:.4f}) > {p['better']} "
+                     f"({p['abs_rel_better']:.4f}): {'held' if p['held'] else 'DID NOT HOLD'}, "
+                     f"margin {p['margin']:+.4f}")
+    return lines
+
+
 def render_report(rows: list[dict[str, Any]], claim: dict[str, Any], header: list[str],
-                  transform_text: str | None) -> str:
-    """Docs-ready markdown: header lines, the table, the claim check, bench-transform."""
+                  transform_text: str | None, sections: list[dict[str, Any]] = ()) -> str:
+    """Docs-ready markdown: header lines, the table, the claim check, bench-transform,
+    then one table per section with its claim."""
     parts = [*header, "", to_markdown(rows, list(COLUMNS)),
              "recovery = (delta1 - delta1_noise) / (delta1_student - delta1_noise).", "",
              "## The paper's claim", "", *_claim_lines(claim)]
     if transform_text:
         parts += ["", "## Transformation net G vs per-batch optimisation (bench-transform)", "",
                   transform_text]
+    for section in sections:
+        parts += _section_lines(section)
     return "\n".join(parts) + "\n"

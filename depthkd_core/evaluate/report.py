@@ -120,9 +120,15 @@ def model_cost(teacher: Any, input_shape: tuple[int, int, int, int],
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    from depthkd_core.models.teachers import TEACHER_OUTPUTS
+
     parser.add_argument("--model", required=True,
                         help="depthkd checkpoint (.pt), TorchScript file, .onnx or HF folder")
     parser.add_argument("--data", required=True, help="dataset folder or file for --reader")
+    parser.add_argument("--model-output", default="auto",
+                        choices=TEACHER_OUTPUTS,
+                        help="what an ONNX/TorchScript --model predicts (relative_inverse: "
+                             "affine-invariant disparity, e.g. a MiDaS export)")
     parser.add_argument("--reader", default="sim", help="dataset reader key (sim, tum, nyu_png, kitti, ...)")
     parser.add_argument("--height", type=int, default=224, help="input height fed to the model")
     parser.add_argument("--width", type=int, default=224, help="input width fed to the model")
@@ -145,7 +151,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from depthkd_core.data import DepthDataset, build_reader
     from depthkd_core.models.teachers import load_teacher
 
-    teacher = load_teacher(args.model)
+    teacher = load_teacher(args.model, output=args.model_output)
     dataset = DepthDataset(build_reader(args.reader, args.data), args.height, args.width)
     alignment = args.alignment
     if alignment == "auto":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from depthkd_core.config import load_config
+from depthkd_core.models.teachers import output_flags
 from depthkd_core.train.config import OptimConfig, TrainConfig
 
 # Epochs of the paper at its 50K images and batch 8.
@@ -31,6 +32,8 @@ class DistillConfig(TrainConfig):
     """A ``TrainConfig`` plus the teacher and the method.
 
     teacher: a path load_teacher opens (depthkd checkpoint, TorchScript, .onnx, HF folder).
+    teacher_output: what an ONNX/TorchScript teacher predicts: auto (= metric) | metric |
+    relative | relative_inverse (affine-invariant disparity, as MiDaS/Depth Anything exports).
     method: key in ``METHODS`` (kd_ood, noise, dfad, datafree).
     method_kwargs: that method's ``Config`` fields; the saved config.yaml lists all of them.
     loss / loss_kwargs: L_depth between student and teacher depth (Hu et al. 2019, a = 0.5).
@@ -42,6 +45,7 @@ class DistillConfig(TrainConfig):
     max_steps: int = 20 * PAPER_STEPS_PER_EPOCH
     out_dir: str = "runs/distill"
     teacher: str = ""
+    teacher_output: str = "auto"
     method: str = "datafree"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +54,7 @@ class DistillConfig(TrainConfig):
         if not self.teacher:
             raise ValueError("teacher must name a teacher model (checkpoint, TorchScript, "
                              ".onnx or Hugging Face folder)")
+        output_flags(self.teacher_output)
 
 
 def load_distill_config(path: str | Path | None, overrides: list[str] | None = None) -> DistillConfig:

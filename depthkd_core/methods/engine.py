@@ -42,7 +42,7 @@ class IndexOnly(Dataset):
 def build_method(cfg: DistillConfig) -> tuple[DistillMethod, torch.nn.Module]:
     """(method, student): the teacher loaded, the student built from ``cfg.model`` at ``cfg.seed``."""
     method_cls = METHODS.get(cfg.method)
-    teacher = load_teacher(cfg.teacher, device=cfg.device)
+    teacher = load_teacher(cfg.teacher, device=cfg.device, output=cfg.teacher_output)
     seed_everything(cfg.seed)  # identical student (and G) initial weights for a given seed
     student = build_model(cfg.model)
     return method_cls(teacher, student, cfg), student

@@ -109,7 +109,7 @@ class TorchScriptTeacher(Teacher):
     """A TorchScript module taking RGB [0,1] (B,3,H,W), returning depth (B,[1,]h,w)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", is_metric: bool = True,
-                 input_size: tuple[int, int] | None = None) -> None:
+                 input_size: tuple[int, int] | None = None, is_inverse: bool = False) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"TorchScript teacher not found: {path}")
@@ -121,6 +121,7 @@ class TorchScriptTeacher(Teacher):
                 raise ValueError(f"not a TorchScript model {path}: {exc}") from None
         self.module = _freeze(module)
         self.name, self.is_metric, self.input_size = path.name, is_metric, input_size
+        self.is_inverse = is_inverse
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)
@@ -131,11 +132,12 @@ class OnnxTeacher(Teacher):
 
     differentiable = False
 
-    def __init__(self, path: str | Path, providers: str = "auto", is_metric: bool = True) -> None:
+    def __init__(self, path: str | Path, providers: str = "auto", is_metric: bool = True,
+                 is_inverse: bool = False) -> None:
         from ..export.runtime import OnnxDepthModel
 
         self.model = OnnxDepthModel(path, providers)
-        self.name, self.is_metric = Path(path).name, is_metric
+        self.name, self.is_metric, self.is_inverse = Path(path).name, is_metric, is_inverse
         self.input_size = self.model.input_size
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -187,14 +189,35 @@ class CachedTeacher(Teacher):
         return torch.from_numpy(np.stack(cached)).to(images.device)
 
 
+# What a teacher's output is, for files that cannot say (ONNX, TorchScript).
+TEACHER_OUTPUTS = ("auto", "metric", "relative", "relative_inverse")
+
+
+def output_flags(output: str) -> tuple[bool | None, bool]:
+    """(is_metric, is_inverse) for a ``TEACHER_OUTPUTS`` value; is_metric None = the loader's default."""
+    if output not in TEACHER_OUTPUTS:
+        raise ValueError(f"teacher output must be one of {TEACHER_OUTPUTS}, got '{output}'")
+    return (None if output == "auto" else output == "metric"), output == "relative_inverse"
+
+
 def load_teacher(source: str | Path, device: str | torch.device = "cpu", providers: str = "auto",
-                 is_metric: bool | None = None, cache_dir: str | Path | None = None) -> Teacher:
+                 is_metric: bool | None = None, cache_dir: str | Path | None = None,
+                 output: str = "auto") -> Teacher:
     """Open a teacher by path: Hugging Face folder (config.json), ``.onnx``,
     TorchScript archive or depthkd checkpoint; ``cache_dir`` wraps it in a
-    CachedTeacher. ``is_metric`` overrides the default for ONNX/TorchScript."""
+    CachedTeacher. ``is_metric`` or ``output`` (``TEACHER_OUTPUTS``: relative,
+    relative_inverse = disparity, e.g. a MiDaS export) say what an ONNX/TorchScript
+    file predicts; checkpoints are metric and Hugging Face folders say so themselves."""
+    flag_metric, is_inverse = output_flags(output)
+    is_metric = flag_metric if is_metric is None else is_metric
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"teacher not found: {path}")
+    if output != "auto" and (path.is_dir() or not (path.suffix.lower() == ".onnx"
+                                                   or is_torchscript(path))):
+        raise ValueError(f"teacher output '{output}' applies to ONNX/TorchScript files only; "
+                         f"{path} says what it predicts itself (checkpoints are metric, "
+                         "Hugging Face folders name it in config.json): use output 'auto'")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"teacher folder {path} has no config.json "
@@ -203,9 +226,10 @@ def load_teacher(source: str | Path, device: str | torch.device = "cpu", provide
 
         teacher: Teacher = HuggingFaceTeacher(path, device=device)
     elif path.suffix.lower() == ".onnx":
-        teacher = OnnxTeacher(path, providers, True if is_metric is None else is_metric)
+        teacher = OnnxTeacher(path, providers, True if is_metric is None else is_metric, is_inverse)
     elif is_torchscript(path):
-        teacher = TorchScriptTeacher(path, device, True if is_metric is None else is_metric)
+        teacher = TorchScriptTeacher(path, device, True if is_metric is None else is_metric,
+                                     is_inverse=is_inverse)
     else:
         try:
             teacher = CheckpointTeacher(path, device)
