@@ -8,11 +8,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from depthkd_core.bench.preset import BenchPreset, load_preset
-from depthkd_core.bench.run import check_mac_ratio, distill_config, run_bench, supervised_config
-from depthkd_core.bench.table import COLUMNS, check_claim, recovery_ratio
+from depthkd_core.bench.preset import resolve_config
+from depthkd_core.bench.relative import RELATIVE_OUTPUT, RelativeDisparity, export_relative_teacher
+from depthkd_core.bench.run import (check_mac_ratio, distill_config, run_bench, section_config,
+                                    supervised_config)
+from depthkd_core.bench.table import COLUMNS, check_claim, check_pairs, recovery_ratio
+from depthkd_core.methods.config import load_distill_config
+from depthkd_core.models import build_model, load_teacher, save_checkpoint
 from depthkd_core.cli import main as cli_main
 from depthkd_core.config import from_dict
 from depthkd_core.models import ModelConfig
@@ -59,15 +65,31 @@ def test_presets_load() -> None:
     for name in ("quick", "full"):
         preset = load_preset(name)
         assert len(preset.rows) == 8 and preset.min_mac_ratio >= 10
-        # every row's config resolves, and the teacher passes the MACs check the run starts with
-        cfgs = {w: supervised_config(preset, w, Path("target")) for w in ("teacher", "student")}
+        # every row's config resolves, and each teacher passes the MACs check the run starts with
+        teachers = ["teacher", *preset.teachers]
+        cfgs = {w: supervised_config(preset, w, Path("target")) for w in teachers + ["student"]}
+        student = cfgs["student"].model
         for row in preset.rows:
-            cfg = distill_config(preset, row, cfgs["student"].model, Path("t.pt"), Path("sim"))
-            assert cfg.model == cfgs["student"].model and cfg.max_steps == preset.distill.max_steps
+            cfg = distill_config(preset, row, student, Path("t.pt"), Path("sim"))
+            assert cfg.model == student and cfg.max_steps == preset.distill.max_steps
         size = (preset.data.height, preset.data.width)
-        assert check_mac_ratio(cfgs["teacher"].model, cfgs["student"].model, size, 10.0) >= 10
-    # full: 0.5 epochs of 2000 sim frames at batch 8 = 125 steps between halvings
-    assert cfg.optim.step_size == 125
+        for w in teachers:
+            assert check_mac_ratio(cfgs[w].model, student, size, 10.0) >= 10
+        roots = {"sim": Path("sim"), "target_train": Path("target")}
+        for row in preset.section_rows():
+            section = section_config(preset, row, student, Path("t.onnx"), roots)
+            own = load_distill_config(resolve_config(f"config/distill/{row.config}.yaml"))
+            # the bench student's body with the row's own head (dpm, bins, LG-Conv)
+            assert section.model.encoder == student.encoder and section.model.head == own.model.head
+            assert section.model.lgconv_stages == own.model.lgconv_stages
+            assert section.teacher_output == ("relative_inverse" if row.relative_teacher else "auto")
+            if own.data.reader == "images":
+                assert section.data.root == str(Path("target") / "rgb")
+    full = load_preset("full")
+    assert {r.teacher for r in full.section_rows()} == {"teacher", "swin"}
+    assert [len(s.rows) for s in full.sections] == [5, 3, 4]
+    # full: 0.5 epochs of 1200 sim frames at batch 8 = 75 steps between halvings
+    assert distill_config(full, "noise", student, Path("t.pt"), Path("sim")).optim.step_size == 75
     with pytest.raises(ValueError, match="unknown bench preset"):
         load_preset("nope")
     with pytest.raises(FileNotFoundError, match="not_a_method"):
@@ -119,5 +141,90 @@ def test_micro_pipeline_and_cache(tmp_path: Path, caplog: pytest.LogCaptureFixtu
 
     forced = run_bench(preset, out, force=["kd_ood"], progress=False)
     assert forced.trained == ["kd_ood"]
-    with pytest.raises(ValueError, match="unknown row"):
+    with pytest.raises(ValueError, match="unknown stage"):
         run_bench(preset, out, force=["dfad"])
+
+
+SECTION = {"title": "micro section", "claim": "tiekd beats MSE",
+           "rows": [{"name": "kd_mse_t", "config": "tiekd_kd_mse"},
+                    {"name": "tiekd_t", "config": "tiekd"},
+                    {"name": "lf_rel", "config": "labelfree_mse", "relative_teacher": True}],
+           "pairs": [["kd_mse_t", "tiekd_t"], ["relative:teacher", "lf_rel"]]}
+
+
+def test_sections_rows_filter_and_relative_teacher(tmp_path: Path) -> None:
+    preset = from_dict(BenchPreset, {**MICRO, "rows": ["noise"], "transform": None,
+                                     "sections": [SECTION]})
+    # --rows: only what is named, and the teacher those rows need (no student, no noise)
+    part = run_bench(preset, tmp_path, progress=False, only=["tiekd_t"])
+    assert part.trained == ["teacher", "tiekd_t"]
+    whole = run_bench(preset, tmp_path, progress=False)
+    assert whole.trained == ["student", "noise", "kd_mse_t", "relative:teacher", "lf_rel"]
+    (section,) = whole.sections
+    assert [r["row"] for r in section["rows"]] == ["teacher", "relative:teacher", "kd_mse_t",
+                                                     "tiekd_t", "lf_rel"]
+    by_row = {r["row"]: r for r in section["rows"]}
+    assert by_row["lf_rel"]["alignment"] == "lsq" and by_row["relative:teacher"]["alignment"] == "lsq"
+    assert by_row["tiekd_t"]["alignment"] == "none"
+    assert [(p["worse"], p["better"]) for p in section["pairs"]] == [("kd_mse_t", "tiekd_t"),
+                                                                     ("relative:teacher", "lf_rel")]
+    # the relative teacher's lsq-aligned accuracy is the metric teacher's shape: close to it
+    assert by_row["relative:teacher"]["abs_rel"] < 2 * by_row["teacher"]["abs_rel"] + 0.1
+    md = whole.report_md.read_text()
+    assert "## micro section" in md and "Paper: tiekd beats MSE" in md and "| lf_rel |" in md
+    report = json.loads(whole.report_json.read_text())
+    assert [r["row"] for r in report["rows"]] == ["teacher", "student", "noise"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_bench(preset, tmp_path, only=["nope"])
+
+
+def test_preset_section_validation() -> None:
+    bad_teacher = {**SECTION, "rows": [{"name": "x", "config": "tiekd", "teacher": "vit"}], "pairs": []}
+    with pytest.raises(ValueError, match="unknown teacher 'vit'"):
+        from_dict(BenchPreset, {**MICRO, "sections": [bad_teacher]})
+    with pytest.raises(ValueError, match="pair .* must name two of"):
+        from_dict(BenchPreset, {**MICRO, "sections": [{**SECTION, "pairs": [["kd_mse_t", "zz"]]}]})
+    with pytest.raises(ValueError, match="distinct names"):
+        from_dict(BenchPreset, {**MICRO, "sections": [{**SECTION, "rows": SECTION["rows"][:1] * 2,
+                                                        "pairs": []}]})
+    with pytest.raises(ValueError, match="data must be one of"):
+        from_dict(BenchPreset, {**MICRO, "sections": [{**SECTION, "pairs": [], "rows": [
+            {"name": "x", "config": "tiekd", "data": "target_test"}]}]})
+
+
+def test_sections_file(tmp_path: Path) -> None:
+    listed = tmp_path / "sections.yaml"
+    listed.write_text(yaml.safe_dump([SECTION]))
+    preset = from_dict(BenchPreset, {**MICRO, "sections_file": str(listed)})
+    assert [s.title for s in preset.sections] == ["micro section"]
+    listed.write_text(yaml.safe_dump(SECTION))
+    with pytest.raises(ValueError, match="must be a YAML list of sections"):
+        from_dict(BenchPreset, {**MICRO, "sections_file": str(listed)})
+
+
+def test_check_pairs() -> None:
+    results = {"a": {"abs_rel": 0.3}, "b": {"abs_rel": 0.2}}
+    (pair,) = check_pairs([["a", "b"], ["b", "missing"]], results)
+    assert pair["held"] and pair["margin"] == pytest.approx(0.1)
+    assert not check_pairs([["b", "a"]], results)[0]["held"]
+
+
+def test_relative_disparity_teacher(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="mobilenetv2_050", decoder_channels=(32, 16, 16, 8))
+    model = build_model(cfg).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        depth, rel = model(x), RelativeDisparity(model)(x)
+    flat = rel.flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1), torch.ones(2), atol=1e-4, rtol=0)
+    # an affine map of 1/depth with a positive scale: farther pixels get smaller values
+    order = depth.flatten(1).argsort(1)
+    assert bool((flat.gather(1, order).diff(dim=1) <= 1e-5).all())
+    ckpt = save_checkpoint(tmp_path / "t.pt", model, cfg)
+    report = export_relative_teacher(ckpt, tmp_path / "rel.onnx", 64, 64)
+    assert report.passed
+    teacher = load_teacher(tmp_path / "rel.onnx", output=RELATIVE_OUTPUT)
+    assert teacher.is_inverse and not teacher.is_metric
+    torch.testing.assert_close(teacher(x), rel, atol=1e-4, rtol=1e-4)

@@ -89,3 +89,21 @@ def test_saved_config_round_trip(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(Outer, tmp_path / "config.yaml") == cfg
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@dataclass
+class Collection:
+    items: list[Inner] = field(default_factory=list)
+    named: dict[str, Inner] = field(default_factory=dict)
+
+
+def test_lists_and_maps_of_sections() -> None:
+    cfg = from_dict(Collection, {"items": [{"lr": 1}, {}], "named": {"a": {"steps": 3}}})
+    assert cfg.items == [Inner(lr=1.0), Inner()] and isinstance(cfg.items[0].lr, float)
+    assert cfg.named == {"a": Inner(steps=3)}
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) in items\[1\]: bogus"):
+        from_dict(Collection, {"items": [{}, {"bogus": 1}]})
+    with pytest.raises(ValueError, match=r"named.a.steps has the wrong type"):
+        from_dict(Collection, {"named": {"a": {"steps": "many"}}})
+    with pytest.raises(ValueError, match="items must be a list"):
+        from_dict(Collection, {"items": {"lr": 1}})

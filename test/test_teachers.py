@@ -173,3 +173,23 @@ def test_load_teacher_errors(tmp_path: Path) -> None:
         load_teacher(tmp_path / "folder")
     with pytest.raises(ValueError, match=r"expects float images \(B,3,H,W\)"):
         CountingTeacher()(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="output must be one of"):
+        load_teacher(garbage, output="disparity")
+
+
+def test_teacher_output_for_files_that_cannot_say(tmp_path: Path, tiny) -> None:
+    model, cfg = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.rand(1, 3, 64, 64))
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    auto, relative = load_teacher(path), load_teacher(path, output="relative_inverse")
+    assert (auto.is_metric, auto.is_inverse) == (True, False)
+    assert (relative.is_metric, relative.is_inverse) == (False, True)
+    plain = load_teacher(path, output="relative")
+    assert (plain.is_metric, plain.is_inverse) == (False, False)
+    # a checkpoint knows it is metric: a contradicting output is refused, not ignored
+    ckpt = save_checkpoint(tmp_path / "t.pt", model, cfg)
+    with pytest.raises(ValueError, match="applies to ONNX/TorchScript files only"):
+        load_teacher(ckpt, output="relative_inverse")

@@ -122,7 +122,7 @@ class BenchCache:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         make(path)
-        self.trained.append(f"{kind}:{name}")
+        self.trained.append(name)
         return path
 
     def result(self, name: str, kind: str, key: Any, compute: Callable[[], dict[str, Any]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from depthkd_core.config import load_config
+from depthkd_core.config import from_dict, load_config, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "config" / "bench"
@@ -142,8 +142,11 @@ class BenchPreset:
     transform: TransformSpec | None = None
     teachers: dict[str, RunSpec] = field(default_factory=dict)
     sections: list[SectionSpec] = field(default_factory=list)
+    sections_file: str | None = None    # a YAML list of sections, added before ``sections``
 
     def __post_init__(self) -> None:
+        if self.sections_file:
+            self.sections = load_sections(self.sections_file) + self.sections
         names = self.rows + [r.name for s in self.sections for r in s.rows]
         reserved = {"teacher", "student", "transform", *self.teachers} & set(names)
         if reserved or len(set(names)) != len(names):
@@ -165,6 +168,15 @@ class BenchPreset:
 
     def section_rows(self) -> list[RowSpec]:
         return [row for section in self.sections for row in section.rows]
+
+
+def load_sections(path: str | Path) -> list[SectionSpec]:
+    """The sections listed in a YAML file (config/bench/sections.yaml)."""
+    resolved = resolve_config(path)
+    data = parse_yaml(resolved.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{resolved} must be a YAML list of sections, got {type(data).__name__}")
+    return [from_dict(SectionSpec, item, f"{resolved.name}[{i}]") for i, item in enumerate(data)]
 
 
 def resolve_config(path: str | Path) -> Path:
