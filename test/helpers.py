@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
+TUM = SHARED / "data" / "tum_sample"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
@@ -16,3 +23,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def write_linear_onnx(path: Path, scale: float, offset: float, channel: int = 0,
+                      size: tuple[int, int] | None = None) -> Path:
+    """A real ONNX depth model: depth = offset + scale * image[:, channel] (a 1x1 conv).
+
+    ``size`` fixes the input (H, W); None leaves both axes dynamic. scale=0 gives
+    a constant-depth model; offset=NaN a model whose output is all NaN.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    h, w = size if size is not None else ("H", "W")
+    weight = np.zeros((1, 3, 1, 1), dtype=np.float32)
+    weight[0, channel] = scale
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["depth"])], "linear_depth",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w])],
+        [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, h, w])],
+        [helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
+         helper.make_tensor("b", TensorProto.FLOAT, [1], [offset])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

@@ -12,8 +12,7 @@ pytest.importorskip("uvicorn")
 
 from depthkd_core.cli import main
 
-FASTDEPTH = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "fastdepth" \
-    / "fast_depth_224.onnx"
+from helpers import FASTDEPTH
 
 
 def test_refuses_missing_teacher_and_bad_duration(tmp_path: Path,

@@ -25,7 +25,7 @@ from depthkd_core.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
-FASTDEPTH = REPO.parent / "shared" / "models" / "fastdepth" / "fast_depth_224.onnx"
+from helpers import FASTDEPTH
 SWIN = "swin_tiny_patch4_window7_224"
 
 

@@ -44,7 +44,7 @@ from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 import helpers  # noqa: E402
-from test_inference import write_linear_onnx  # noqa: E402
+from helpers import write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 57
 QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)

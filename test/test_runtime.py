@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 from depthkd_core.export.runtime import OnnxDepthModel, create_session
 
 REPO = Path(__file__).resolve().parents[1]
-FASTDEPTH = REPO.parent / "shared" / "models" / "fastdepth" / "fast_depth_224.onnx"
-TUM_RGB = REPO.parent / "shared" / "data" / "tum_sample" / "tum_color.png"
+from helpers import FASTDEPTH, TUM
+
+TUM_RGB = TUM / "tum_color.png"
 
 needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason=f"missing {FASTDEPTH}")
 

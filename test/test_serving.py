@@ -33,9 +33,9 @@ from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E4
 from depthkd_ros import teacher_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
-TUM = SHARED / "data" / "tum_sample" / "tum_color.png"
+from helpers import FASTDEPTH, TUM as TUM_DIR
+
+TUM = TUM_DIR / "tum_color.png"
 TOKEN = "s3cret-token"
 LIMITS = TensorLimits(max_batch=4, max_height=512, max_width=512, max_body_bytes=2 << 20)
 

@@ -14,9 +14,7 @@ from depthkd_core.models import (CachedTeacher, CheckpointTeacher, HuggingFaceTe
                                  OnnxTeacher, Teacher, TorchScriptTeacher, build_model, load_teacher,
                                  save_checkpoint)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
-TUM = SHARED / "data" / "tum_sample"
+from helpers import FASTDEPTH, TUM
 
 
 @pytest.fixture(scope="module")

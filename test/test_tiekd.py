@@ -24,7 +24,7 @@ from depthkd_core.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
-FASTDEPTH = REPO.parent / "shared" / "models" / "fastdepth" / "fast_depth_224.onnx"
+from helpers import FASTDEPTH
 
 
 def test_dpm_sums_to_one_and_peaks_at_the_teachers_bin() -> None:

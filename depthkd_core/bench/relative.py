@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from depthkd_core.export.onnx_export import ParityReport, export_onnx
