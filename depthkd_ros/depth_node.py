@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
@@ -47,6 +46,7 @@ from depthkd_ros.node_params import (
     RELIABILITY,
     WARN_THROTTLE_SEC,
     ParamSpec,
+    SetupNode,
     check_choices,
     declare_params,
     qos,
@@ -172,16 +172,11 @@ class FrameStats:
                     "last_error": self.last_error}
 
 
-class DepthNode(Node):
+class DepthNode(SetupNode):
     """Monocular depth from a camera stream with a distilled ONNX student."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("depth_node", **kwargs)
-        try:
-            self._setup()
-        except BaseException:
-            super().destroy_node()
-            raise
 
     def _setup(self) -> None:
         values = declare_params(self, PARAMS)

@@ -23,7 +23,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
 from rcl_interfaces.srv import SetParameters
-from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -45,6 +44,7 @@ from depthkd_ros.node_params import (
     RELIABILITY,
     WARN_THROTTLE_SEC,
     ParamSpec,
+    SetupNode,
     check_choices,
     declare_params,
     qos,
@@ -149,16 +149,11 @@ class State:
             json.dump(data, f)
 
 
-class DistillNode(Node):
+class DistillNode(SetupNode):
     """Collects keyframes, labels them with a remote teacher, refines and hot-swaps."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("distill_node", **kwargs)
-        try:
-            self._setup()
-        except BaseException:
-            super().destroy_node()
-            raise
 
     def _setup(self) -> None:
         v = self.values = declare_params(self, PARAMS)

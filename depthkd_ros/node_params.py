@@ -1,4 +1,4 @@
-"""What every depthkd node shares: declared parameters, QoS from parameters, main().
+"""What every depthkd node shares: setup-or-clean-up, declared parameters, QoS, main().
 
 A node lists its parameters as ``ParamSpec``s; ``declare_params`` declares them
 with descriptions, ranges and read-only flags and returns their values, checked
@@ -32,6 +32,24 @@ class ParamSpec:
     high: float | None = None
     choices: tuple[str, ...] = ()
     dynamic: bool = False  # settable at run time; the rest are read-only
+
+
+class SetupNode(Node):
+    """A node built by ``_setup`` after ``Node.__init__``. A setup that fails (a missing
+    model, a bad parameter) destroys the half-built node, so its publishers and
+    subscriptions do not outlive the error, and re-raises. Subclasses' own
+    ``destroy_node`` runs only for fully built nodes."""
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        try:
+            self._setup()
+        except BaseException:
+            Node.destroy_node(self)
+            raise
+
+    def _setup(self) -> None:
+        raise NotImplementedError
 
 
 def descriptor(spec: ParamSpec) -> ParameterDescriptor:

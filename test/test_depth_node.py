@@ -39,8 +39,7 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      image_to_rgb, numpy_to_image,
                                      pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
-from helpers import wait_until  # noqa: E402
-from helpers import FASTDEPTH, TUM, write_linear_onnx  # noqa: E402
+from helpers import FASTDEPTH, TUM, wait_until, write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 47  # unique per test module so parallel runs never cross
 REPO = Path(__file__).resolve().parents[1]
