@@ -11,10 +11,7 @@ topics to it. Topics, parameters and files are documented in docs/distill_node.m
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +24,12 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from depthkd_core.atomic import atomic_open
 from depthkd_core.online.keyframes import (
     KeyframeSelector,
     KeyframeStore,
     StoreFullError,
 )
+from depthkd_core.online.rounds import RoundState, run_round_process
 from depthkd_core.serving.client import TeacherClient, TeacherRequestError
 from depthkd_ros.conversions import (
     camera_info_to_intrinsics,
@@ -126,29 +123,6 @@ def read_token(path: str) -> str | None:
     return token
 
 
-class State:
-    """Round bookkeeping persisted atomically in store_dir/state.json (resume on restart)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self._lock = path, threading.Lock()  # supervisor and rollback both save
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        self.rounds: int = data.get("rounds", 0)
-        self.trained_keys: set[str] = set(data.get("trained_keys", []))
-        self.init_checkpoint: str = data.get("init_checkpoint", "")
-        self.deployed_rounds: list[int] = data.get("deployed_rounds", [])
-        self.last_loss: float | None = data.get("last_loss")
-        self.last_gate: dict[str, Any] | None = data.get("last_gate")
-        self.on_base: bool = data.get("on_base", False)  # rolled back past the first deploy
-
-    def save(self) -> None:
-        data = {"rounds": self.rounds, "trained_keys": sorted(self.trained_keys),
-                "init_checkpoint": self.init_checkpoint, "deployed_rounds": self.deployed_rounds,
-                "last_loss": self.last_loss, "last_gate": self.last_gate,
-                "on_base": self.on_base}
-        with self._lock, atomic_open(self.path, "w") as f:
-            json.dump(data, f)
-
-
 class DistillNode(SetupNode):
     """Collects keyframes, labels them with a remote teacher, refines and hot-swaps."""
 
@@ -168,7 +142,7 @@ class DistillNode(SetupNode):
                                     timeout_s=v["teacher_timeout_s"], retries=v["teacher_retries"],
                                     breaker_failures=v["breaker_failures"],
                                     breaker_cooldown_s=v["breaker_cooldown_s"])
-        self.state = State(root / "state.json")
+        self.state = RoundState(root / "state.json")
         self.registry = None  # ModelRegistry, imported by the supervisor (torch)
         self.counts = {"received": 0, "skipped": 0, "keyframes": 0, "store_errors": 0, "labelled": 0,
                        "teacher_failures": 0, "teacher_rejected": 0, "deploys": 0,
@@ -334,29 +308,13 @@ class DistillNode(SetupNode):
         self.state.save()
 
     def _run_finetune(self, round_id: int) -> dict[str, Any] | None:
-        """``python -m depthkd_core.online.finetune`` in its own process; killed at shutdown."""
-        work = self.root / "rounds" / f"round_{round_id:04d}"  # same dir on retry: resumes
-        work.mkdir(parents=True, exist_ok=True)
+        """One round in its own process (killed at shutdown); round_NNNN/ resumes on retry."""
         init = self.state.init_checkpoint or self.values["student_checkpoint"]
-        cmd = [sys.executable, "-m", "depthkd_core.online.finetune", "--store",
-               str(self.root / "keyframes"), "--init", str(init), "--work", str(work)]
-        if self.values["finetune_config"]:
-            cmd += ["--config", self.values["finetune_config"]]
         self.get_logger().info(f"round {round_id}: fine-tuning from {init}")
-        out_path = work / "result.out"  # a file, not a pipe: a chatty trainer cannot block
-        with open(out_path, "w") as out, open(work / "finetune.log", "a") as log:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=log)
-            deadline = time.monotonic() + self.values["round_timeout_s"]
-            while proc.poll() is None:
-                if self._stop.wait(0.2) or time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    if self._stop.is_set():
-                        return None
-                    raise RuntimeError(f"round {round_id} exceeded round_timeout_s")
-        if proc.returncode != 0:
-            raise RuntimeError(f"fine-tuning exited with {proc.returncode}; see {work}/finetune.log")
-        return parse_round_result(out_path.read_text())
+        return run_round_process(self.root / "keyframes", init,
+                                 self.root / "rounds" / f"round_{round_id:04d}",
+                                 self.values["finetune_config"], self.values["round_timeout_s"],
+                                 self._stop)
 
     def _gate_and_deploy(self, round_id: int, checkpoint: Path) -> None:
         from depthkd_core.online.gate import gate
@@ -482,17 +440,6 @@ class DistillNode(SetupNode):
                 thread.join(timeout=10.0)
             self.client.close()
         super().destroy_node()
-
-
-def parse_round_result(stdout: str) -> dict[str, Any]:
-    """The fine-tuning process's last stdout line: JSON with checkpoint, steps, loss."""
-    lines = [line for line in stdout.strip().splitlines() if line.strip()]
-    try:
-        result = json.loads(lines[-1])
-        _ = result["checkpoint"], result["loss"]
-    except (IndexError, ValueError, KeyError, TypeError) as exc:
-        raise RuntimeError(f"fine-tuning printed no result line: {stdout[-300:]!r}") from exc
-    return result
 
 
 def main(args: list[str] | None = None) -> None:

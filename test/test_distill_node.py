@@ -25,8 +25,10 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("depthkd_core.online.keyframes")
 pytestmark = pytest.mark.ros
 
+import helpers  # noqa: E402
 import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from helpers import write_linear_onnx  # noqa: E402
 from rcl_interfaces.msg import SetParametersResult  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
@@ -43,8 +45,6 @@ from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E4
 from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
-import helpers  # noqa: E402
-from helpers import write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 57
 QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -191,13 +191,6 @@ def test_start_up_validation_names_the_parameter(ros: Ros, tmp_path: Path) -> No
         with pytest.raises(error, match=name):
             dn.DistillNode(context=ros.context, namespace="bad", parameter_overrides=[
                 Parameter(k, value=v) for k, v in params.items()])
-
-
-def test_parse_round_result() -> None:
-    out = "step 1 loss 0.5\n" + json.dumps({"checkpoint": "/w/c.pt", "steps": 3, "loss": 0.25})
-    assert dn.parse_round_result(out) == {"checkpoint": "/w/c.pt", "steps": 3, "loss": 0.25}
-    with pytest.raises(RuntimeError, match="no result line"):
-        dn.parse_round_result("Traceback ...\n")
 
 
 def test_teacher_labels_keyframes_end_to_end(ros: Ros, teacher_url: str, tmp_path: Path) -> None:

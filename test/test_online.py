@@ -29,6 +29,7 @@ from depthkd_core.online.keyframes import (
     KeyframeStore,
     StoreFullError,
 )
+from depthkd_core.online.rounds import RoundState, parse_round_result, run_round_process
 
 SIZE = 64
 K = Intrinsics(fx=50.0, fy=50.0, cx=31.5, cy=31.5, width=SIZE, height=SIZE)
@@ -318,3 +319,36 @@ def test_registry_versions_and_export_failure(trained: dict, tmp_path: Path,
         assert _files(registry.dir) == before and registry.current() == fourth
     (registry.dir / ".staging").mkdir()
     assert ModelRegistry(registry.dir).current() == fourth and not (registry.dir / ".staging").exists()
+
+
+def test_parse_round_result() -> None:
+    out = "step 1 loss 0.5\n" + json.dumps({"checkpoint": "/w/c.pt", "steps": 3, "loss": 0.25})
+    assert parse_round_result(out) == {"checkpoint": "/w/c.pt", "steps": 3, "loss": 0.25}
+    with pytest.raises(RuntimeError, match="no result line"):
+        parse_round_result("Traceback ...\n")
+
+
+def test_round_process_failure_timeout_and_stop(tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    work = tmp_path / "round_0001"
+    # no store there: the trainer exits non-zero and says why in its log
+    with pytest.raises(RuntimeError, match="exited with"):
+        run_round_process(tmp_path / "missing", tmp_path / "init.pt", work, "", 120.0, stop)
+    assert (work / "finetune.log").read_text().strip()
+    with pytest.raises(RuntimeError, match="exceeded 0.01 s"):
+        run_round_process(tmp_path / "missing", tmp_path / "init.pt", work, "", 0.01, stop)
+    stop.set()  # shutdown: killed, no error, no result
+    assert run_round_process(tmp_path / "missing", tmp_path / "init.pt", work, "", 120.0, stop) is None
+
+
+def test_round_state_persists(tmp_path: Path) -> None:
+    state = RoundState(tmp_path / "state.json")
+    assert (state.rounds, state.trained_keys, state.on_base) == (0, set(), False)
+    state.rounds, state.trained_keys, state.deployed_rounds = 2, {"b", "a"}, [1]
+    state.save()
+    again = RoundState(tmp_path / "state.json")
+    assert (again.rounds, again.trained_keys, again.deployed_rounds) == (2, {"a", "b"}, [1])
+    assert not list(tmp_path.glob(".*"))  # no temp file left
+
