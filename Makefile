@@ -36,6 +36,7 @@ demo-assets: venv
 	$(VENV)/bin/depthkd simulate --style target --n 200 --seed 1000 --out runs/data/target_val
 	$(VENV)/bin/depthkd train --config config/train/demo_student.yaml
 	$(VENV)/bin/depthkd export --checkpoint runs/demo_student/final.pt --out depthkd_ros/models/student.onnx --height 192 --width 256 --check-images depthkd_ros/demo_data/rgb
+	cp runs/demo_student/final.pt depthkd_ros/models/student.pt
 
 bench-node: venv
 	$(VENV)/bin/depthkd bench-node

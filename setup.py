@@ -33,7 +33,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(include=["depthkd_core", "depthkd_core.*", "depthkd_ros", "depthkd_ros.*"]),
-    package_data={"depthkd_ros": ["models/*.onnx", "models/*.json", "demo_data/**/*"]},
+    package_data={"depthkd_ros": ["models/*.onnx", "models/*.pt", "models/*.json", "demo_data/**/*"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),

@@ -37,6 +37,9 @@ from depthkd_ros.conversions import (
     image_to_rgb,
 )
 from depthkd_ros.depth_node import PACKAGED_MODEL
+
+# The torch checkpoint the packaged ONNX was exported from (make demo-assets).
+PACKAGED_CHECKPOINT = PACKAGED_MODEL.with_suffix(".pt")
 from depthkd_ros.node_params import (
     RELIABILITY,
     WARN_THROTTLE_SEC,
@@ -73,7 +76,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_backoff_s", 30.0, "longest pause of the teacher thread after a failure",
               0.01, 3600.0),
     ParamSpec("student_checkpoint", "", "torch checkpoint of the live student (first round's "
-              "init); empty = collect and label only, no training"),
+              "init); empty = the packaged student.pt when live_model is empty too (the "
+              "packaged student runs), else collect and label only"),
     ParamSpec("live_model", "", "ONNX the depth node runs before any deploy (gate baseline); "
               "empty = the packaged student"),
     ParamSpec("finetune_config", "", "YAML of FinetuneConfig fields for the round; empty = "
@@ -113,6 +117,16 @@ def validate(values: dict[str, Any]) -> None:
         raise FileNotFoundError("parameter live_model is empty and the packaged student is missing")
 
 
+def student_checkpoint(values: dict[str, Any]) -> str:
+    """The first round's init: the parameter, else the packaged student's checkpoint when
+    the depth node runs the packaged ONNX; "" = no training (collect and label only)."""
+    if values["student_checkpoint"]:
+        return str(Path(values["student_checkpoint"]).expanduser())
+    if not values["live_model"] and PACKAGED_CHECKPOINT.is_file():
+        return str(PACKAGED_CHECKPOINT)
+    return ""
+
+
 def read_token(path: str) -> str | None:
     """The bearer token in ``path`` (stripped); None for an empty path."""
     if not path:
@@ -132,6 +146,7 @@ class DistillNode(SetupNode):
     def _setup(self) -> None:
         v = self.values = declare_params(self, PARAMS)
         validate(v)
+        self.student_checkpoint = student_checkpoint(v)
         root = Path(v["store_dir"]).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
@@ -278,7 +293,7 @@ class DistillNode(SetupNode):
         if deployed:  # a restart: the depth node may have come back on its YAML's model
             self._push(self._live_model())
         while not self._stop.wait(0.5):
-            if not self.values["student_checkpoint"]:
+            if not self.student_checkpoint:
                 continue
             try:
                 self._maybe_round()
@@ -309,7 +324,7 @@ class DistillNode(SetupNode):
 
     def _run_finetune(self, round_id: int) -> dict[str, Any] | None:
         """One round in its own process (killed at shutdown); round_NNNN/ resumes on retry."""
-        init = self.state.init_checkpoint or self.values["student_checkpoint"]
+        init = self.state.init_checkpoint or self.student_checkpoint
         self.get_logger().info(f"round {round_id}: fine-tuning from {init}")
         return run_round_process(self.root / "keyframes", init,
                                  self.root / "rounds" / f"round_{round_id:04d}",

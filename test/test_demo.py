@@ -18,6 +18,7 @@ from depthkd_core.export.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
 from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402
+from depthkd_ros.distill_node import PACKAGED_CHECKPOINT, student_checkpoint  # noqa: E402
 
 DEMO_DOMAIN, BENCH_DOMAIN = 52, 53
 
@@ -30,6 +31,20 @@ def test_packaged_assets_are_small_and_consistent():
     assert frames[0].intrinsics is not None and frames[0].depth is not None
     depth = model.predict(frames[0].rgb)
     assert np.isfinite(depth).all() and 0.1 <= depth.min() and depth.max() <= 10.0
+    # the packaged checkpoint (distill_node's default first-round init) is the ONNX's source
+    assert PACKAGED_CHECKPOINT.stat().st_size <= 5 * 1024 * 1024
+    from depthkd_core.online.gate import checkpoint_predictor
+
+    torch_depth = checkpoint_predictor(PACKAGED_CHECKPOINT, model.input_size)(frames[0].rgb)
+    assert np.abs(torch_depth - depth).max() <= 1e-3 * depth.max()
+
+
+def test_distill_node_trains_the_packaged_student_by_default(tmp_path):
+    values = {"student_checkpoint": "", "live_model": ""}
+    assert student_checkpoint(values) == str(PACKAGED_CHECKPOINT)
+    # a custom live model: its checkpoint is unknown, so collect and label only
+    assert student_checkpoint({**values, "live_model": "mine.onnx"}) == ""
+    assert student_checkpoint({**values, "student_checkpoint": "~/s.pt"}).endswith("/s.pt")
 
 
 def test_demo_end_to_end(tmp_path, capsys):
