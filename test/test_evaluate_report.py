@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from depthkd_core.evaluate.profile import count_macs, count_parameters, measure_latency
+from depthkd_core.evaluate.profile import count_macs, count_parameters, measure_latency, onnx_cost
 from depthkd_core.evaluate.report import evaluate_model, to_markdown
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -121,6 +121,37 @@ def test_cli_evaluate_real_fastdepth(tmp_path, capsys):
     assert row["count"] == 3 and row["alignment"] in ("none", "lsq")
     assert all(math.isfinite(row[k]) for k in ("abs_rel", "rmse", "silog", "latency_ms"))
     assert 0.0 <= row["delta1"] <= row["delta2"] <= row["delta3"] <= 1.0
-    assert "params_M" not in row  # ONNX: no torch module to count
+    # counted from the ONNX graph: FastDepth (pruned, int8) is ~1.3-1.4 M params, 0.37 GMACs
+    assert 1.3 <= row["params_M"] <= 1.4 and 0.36 <= row["GMACs"] <= 0.37
     table = out_md.read_text()
     assert "abs_rel" in table and table in capsys.readouterr().out
+
+
+def test_onnx_cost_equals_the_torch_count(tmp_path):
+    export = pytest.importorskip("depthkd_core.export.onnx_export")
+    from depthkd_core.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="mobilenetv2_050", decoder_channels=(32, 16, 16, 8))).eval()
+    assert export.export_onnx(model, tmp_path / "s.onnx", 64, 96).passed
+    params, macs = onnx_cost(tmp_path / "s.onnx", (1, 3, 64, 96))
+    assert macs == count_macs(model, (1, 3, 64, 96))
+    # the export folds BatchNorm into the convolutions: its gamma/beta are gone; a few
+    # float constants (resize scales) are counted as weights
+    bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert 0 <= params - (count_parameters(model) - bn) <= 20
+
+
+def test_onnx_cost_unresolved_shapes_give_no_macs(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], [0.0] * 12)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["c"]), helper.make_node("MatMul", ["c", "x"], ["depth"])],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])],
+        [helper.make_tensor_value_info("depth", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    assert onnx_cost(tmp_path / "g.onnx", (1, 3, 8, 8)) == (12, None)
+

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from depthkd_core.evaluate.metrics import CROPS, Crop, MetricAccumulator
-from depthkd_core.evaluate.profile import (count_macs, count_parameters, eval_mode,
+from depthkd_core.evaluate.profile import (count_macs, count_parameters, eval_mode, onnx_cost,
                                            measure_latency)
 from depthkd_core.geometry.alignment import ALIGN_MODES, AlignMode
 
@@ -108,12 +108,21 @@ def to_markdown(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
 
 def model_cost(teacher: Any, input_shape: tuple[int, int, int, int],
                latency_runs: int = 10) -> dict[str, float]:
-    """``params_M`` and ``GMACs`` when a torch module is inside; ``latency_ms`` (median) always."""
+    """``params_M`` and ``GMACs`` of the torch module or ONNX file inside (ONNX MACs only
+    when shape inference resolves them); ``latency_ms`` (median) always."""
     cost: dict[str, float] = {}
     module = getattr(teacher, "module", None)
+    onnx_path = getattr(getattr(teacher, "model", None), "path", None)
     if module is not None:
         cost["params_M"] = count_parameters(module) / 1e6
         cost["GMACs"] = count_macs(module, input_shape) / 1e9
+    elif onnx_path is not None:
+        # a fixed-size file runs at its own size whatever the images are resized from
+        size = getattr(teacher, "input_size", None) or tuple(input_shape[2:])
+        params, macs = onnx_cost(onnx_path, (1, input_shape[1], *size))
+        cost["params_M"] = params / 1e6
+        if macs is not None:
+            cost["GMACs"] = macs / 1e9
     if latency_runs > 0:
         cost["latency_ms"] = measure_latency(teacher, input_shape, runs=latency_runs)["median_ms"]
     return cost
