@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import helpers
 import numpy as np
+import pytest
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -29,6 +30,7 @@ from std_msgs.msg import String
 
 from depthkd_core.geometry import Intrinsics
 from depthkd_core.models.teachers import Teacher
+from depthkd_core.serving.server import BackgroundServer, create_app
 from depthkd_ros import distill_node as dn
 from depthkd_ros.conversions import rgb_to_image
 
@@ -194,3 +196,18 @@ def latest_status(cam: Camera, proc: Any, predicate: Callable[[dict], bool], wha
         assert proc.poll() is None, f"distill_node exited with {proc.returncode}"
         return next((s for s in reversed(cam.status[-5:]) if predicate(s)), None)
     return wait_until(check, timeout=30.0, what=what)
+
+
+# Fixtures for the test modules (imported by name): each module's DOMAIN_ID keeps parallel
+# runs of the modules apart.
+@pytest.fixture(scope="module")
+def ros(request: pytest.FixtureRequest) -> Any:
+    r = Ros(request.module.DOMAIN_ID)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def teacher_url() -> Any:
+    with BackgroundServer(create_app(RampTeacher(), "ramp", token=TOKEN, max_wait_ms=0)) as url:
+        yield url

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.ros
 
 import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
-from distill_harness import (  # noqa: E402
+from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
     TOKEN,
     BrokenTeacher,
     Camera,
@@ -35,6 +35,8 @@ from distill_harness import (  # noqa: E402
     W,
     closed_port_url,
     frame,
+    ros,
+    teacher_url,
     token_file,
     wait_until,
 )
@@ -47,19 +49,6 @@ from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 
 DOMAIN_ID = 57
-
-
-@pytest.fixture(scope="module")
-def ros() -> Any:
-    r = Ros(DOMAIN_ID)
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def teacher_url() -> Any:
-    with BackgroundServer(create_app(RampTeacher(), "ramp", token=TOKEN, max_wait_ms=0)) as url:
-        yield url
 
 
 def test_start_up_validation_names_the_parameter(ros: Ros, tmp_path: Path) -> None:

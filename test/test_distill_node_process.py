@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ pytest.importorskip("depthkd_core.online.keyframes")
 pytestmark = pytest.mark.ros
 
 import torch  # noqa: E402
-from distill_harness import (  # noqa: E402
+from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
     QOS,
     TOKEN,
     Camera,
@@ -32,6 +31,8 @@ from distill_harness import (  # noqa: E402
     distill_process,
     frame,
     latest_status,
+    ros,
+    teacher_url,
     token_file,
     wait_until,
     weak_student,
@@ -46,19 +47,6 @@ from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 
 DOMAIN_ID, E2E_DOMAIN_ID = 58, 59  # one per module / context, so parallel runs never cross
-
-
-@pytest.fixture(scope="module")
-def ros() -> Any:
-    r = Ros(DOMAIN_ID)
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def teacher_url() -> Any:
-    with BackgroundServer(create_app(RampTeacher(), "ramp", token=TOKEN, max_wait_ms=0)) as url:
-        yield url
 
 
 class DomainTeacher(Teacher):

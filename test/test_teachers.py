@@ -13,7 +13,6 @@ import torch
 from depthkd_core.models import (CachedTeacher, CheckpointTeacher, HuggingFaceTeacher, ModelConfig,
                                  OnnxTeacher, Teacher, TorchScriptTeacher, build_model, load_teacher,
                                  save_checkpoint)
-
 from helpers import FASTDEPTH, TUM
 
 
@@ -42,13 +41,19 @@ def test_checkpoint_teacher(tmp_path: Path, tiny) -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_torchscript_teacher(tmp_path: Path, tiny) -> None:
-    model, _ = tiny
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory, tiny) -> Path:
+    """The tiny model traced at 64x64 and saved as a TorchScript archive."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, torch.rand(1, 3, 64, 64))
-    path = tmp_path / "traced.pt"
-    traced.save(str(path))
+        module = torch.jit.trace(tiny[0], torch.rand(1, 3, 64, 64))
+    path = tmp_path_factory.mktemp("ts") / "traced.pt"
+    module.save(str(path))
+    return path
+
+
+def test_torchscript_teacher(traced: Path, tiny) -> None:
+    model, path = tiny[0], traced
     teacher = load_teacher(path)
     assert isinstance(teacher, TorchScriptTeacher) and teacher.is_metric
     x = torch.rand(2, 3, 96, 128)  # traced at 64x64: sizes follow the input
@@ -86,8 +91,12 @@ def test_onnx_teacher_fastdepth_on_real_frame(tum_frame) -> None:
 
 
 def _tiny_depth_anything(folder: Path, metric: bool) -> None:
-    from transformers import (AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config,
-                              DPTImageProcessor)
+    from transformers import (
+        AutoModelForDepthEstimation,
+        DepthAnythingConfig,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
 
     backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                             intermediate_size=64, image_size=56, patch_size=14,
@@ -175,13 +184,9 @@ def test_load_teacher_errors(tmp_path: Path) -> None:
         load_teacher(garbage, output="disparity")
 
 
-def test_teacher_output_for_files_that_cannot_say(tmp_path: Path, tiny) -> None:
+def test_teacher_output_for_files_that_cannot_say(tmp_path: Path, tiny, traced: Path) -> None:
     model, cfg = tiny
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, torch.rand(1, 3, 64, 64))
-    path = tmp_path / "traced.pt"
-    traced.save(str(path))
+    path = traced
     auto, relative = load_teacher(path), load_teacher(path, output="relative_inverse")
     assert (auto.is_metric, auto.is_inverse) == (True, False)
     assert (relative.is_metric, relative.is_inverse) == (False, True)
