@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 _DONE = "bench_done.json"
 # Fields that say where a run goes, not what it computes.
 _PLACEMENT = ("out_dir", "resume")
+# Fields added after runs were cached, at the value that computes what those runs did:
+# left out of the hash at that value, so adding a field never invalidates a cache.
+_NEUTRAL = {"teacher_output": "auto"}
 
 
 def config_hash(data: Any) -> str:
@@ -46,7 +49,8 @@ def file_hash(path: str | Path) -> str:
 
 def run_hash(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> str:
     """Hash of a resolved training config without its placement fields, plus ``extra``."""
-    data = {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT}
+    data = {k: v for k, v in asdict(cfg).items()
+            if k not in _PLACEMENT and not (k in _NEUTRAL and v == _NEUTRAL[k])}
     return config_hash({"config": data, **(extra or {})})
 
 
