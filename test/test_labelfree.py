@@ -20,7 +20,7 @@ from depthkd_core.losses.geometric import (GeometricDistillation, PointNetEncode
                                            fill_intrinsics)
 from depthkd_core.methods.config import load_distill_config
 from depthkd_core.methods.engine import build_method
-from depthkd_core.methods.labelfree import LabelfreeConfig, align_to
+from depthkd_core.methods.labelfree import LabelfreeConfig, align_to, ssi_mse
 from depthkd_core.models import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
@@ -250,3 +250,52 @@ def test_relative_teacher_becomes_depth_of_the_student(assets: dict[str, Path]) 
     torch.testing.assert_close(method.depth_target(disparity, student_depth), student_depth,
                                rtol=1e-4, atol=1e-4)
     assert float(method.cwd(method.teacher_space(student_depth), disparity)) == pytest.approx(0, abs=1e-5)
+
+
+def test_ssi_mse_flat_affine_and_invariance() -> None:
+    torch.manual_seed(0)
+    target = torch.rand(2, 1, 8, 8)
+    assert float(ssi_mse(torch.full_like(target, 3.0), target)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssi_mse(2.5 * target - 1.0, target)) == pytest.approx(0.0, abs=1e-5)
+    pred = torch.rand(2, 1, 8, 8)
+    assert float(ssi_mse(4.0 * pred + 7.0, target)) == pytest.approx(float(ssi_mse(pred, target)), rel=1e-4)
+    assert 0.0 < float(ssi_mse(pred, target)) < 1.0
+
+
+class _Scaled(torch.nn.Module):
+    """A 'student' whose depth is c * base: the direction in which relative losses must not pull."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.c = base, torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.c * self.base
+
+
+@pytest.mark.parametrize("term", ["mse", "geo"])
+def test_relative_terms_do_not_pull_on_the_students_scale(assets: dict[str, Path], term: str) -> None:
+    """With a relative teacher the student's scale is free: the MSE and geometric terms are
+    scale-invariant and their gradient along the scale is ~0 (a loss in metres on a target
+    fitted to the student shrank the benchmark's students to min_depth)."""
+    weights = {"mse": ["method_kwargs.w_cwd=0", "method_kwargs.w_geo=0", "method_kwargs.w_mse=1"],
+               "geo": ["method_kwargs.w_cwd=0", "method_kwargs.w_geo=1", "method_kwargs.w_mse=0"]}
+    cfg = load_distill_config(TINY, [f"teacher={assets['hf']}", "method=labelfree",
+                                     "data.reader=images", f"data.root={assets['images']}",
+                                     "method_kwargs.n_points=64", *weights[term]])
+    method, _ = build_method(cfg)
+    assert not method.teacher.is_metric
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 32, 32)
+    student = _Scaled(1.0 + 2.0 * torch.rand(2, 1, 32, 32))
+    values = []
+    for c in (1.0, 0.5):
+        student.c.data.fill_(c)
+        student.c.grad = None
+        torch.manual_seed(2)  # the same sampled pixels
+        loss = method.step(student, {"image": images})["loss"]
+        loss.backward()
+        values.append(float(loss))
+        assert abs(float(student.c.grad)) <= 1e-3 * max(float(loss), 1e-6) + 1e-6, (c, float(student.c.grad))
+    assert values[1] == pytest.approx(values[0], rel=1e-3) and values[0] > 0
+

@@ -7,15 +7,20 @@ depth when ``is_inverse``).
 
 Relative teachers. CWD runs in the teacher's own space (the student's depth is
 inverted for a disparity teacher) and is shift/scale invariant through the
-per-image normalisation. The geometric and MSE terms need depth, so the
-teacher's map is first aligned per image to the student's (detached), in the
-teacher's space, by least squares scale+shift (default) or median scale, then
-inverted for disparity teachers and clamped to the student's depth range.
-Why align to the student rather than invert-and-normalise: relative depth
-carries only shape, and an arbitrary normalisation would impose a metric scale
-the student cannot know, so the 3-D points would disagree by a global scale
-that swamps the shape; aligned, the points differ only in shape. It is the same
-least-squares scale-shift fit Gao et al. use to align relative depth to sparse depth.
+per-image normalisation. The MSE term is the scale-and-shift-invariant MSE of
+MiDaS in the teacher's space: the student aligned to the teacher per image by
+least squares, the residual over the teacher's variance (1 for a flat student, 0
+for any affine copy of the teacher). The geometric term needs depth: the
+teacher's map is aligned per image to the (detached) student's, in the teacher's
+space, by least squares scale+shift (default) or median scale, then inverted for
+disparity teachers and clamped to the student's depth range; both maps are then
+divided by the student's mean depth (in the graph). Why align the teacher to the
+student: relative depth carries only shape, and an arbitrary normalisation would
+impose a metric scale the student cannot know. Why divide: the target follows
+the student's scale, so a loss in metres falls when the student shrinks and its
+gradient shrinks it (the benchmark found such students near min_depth); in units
+of the student's own mean depth the loss is scale-invariant and its gradient has
+no component along the student's scale.
 """
 
 from __future__ import annotations
@@ -93,6 +98,15 @@ def align_to(source: Tensor, ref: Tensor, mode: str, eps: float = 1e-8) -> Tenso
     return (scale * src + shift).view_as(source)
 
 
+def ssi_mse(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """Scale-and-shift-invariant MSE (MiDaS): per image, ``pred`` aligned to ``target`` by
+    least squares (gradients through the fit), the mean squared residual over the
+    target's variance; averaged over the batch. 1 for a flat ``pred``, 0 for an affine copy."""
+    residual = (align_to(pred, target, "lsq") - target).flatten(1).pow(2).mean(dim=1)
+    variance = target.flatten(1).var(dim=1, unbiased=False).clamp(min=eps)
+    return (residual / variance).mean()
+
+
 @METHODS.register("labelfree")
 class Labelfree(DistillMethod):
     """CWD + geometric distillation from unlabelled images (Gao et al.)."""
@@ -148,15 +162,21 @@ class Labelfree(DistillMethod):
         terms: dict[str, Tensor] = {}
         if opts.w_cwd > 0:
             terms["cwd"] = self.cwd(self.teacher_space(depth), teacher_out)
-        if opts.w_geo > 0 or opts.w_mse > 0:
+        metric = self.teacher.is_metric
+        if opts.w_geo > 0 or (opts.w_mse > 0 and metric):
             target = self.depth_target(teacher_out, depth)
         if opts.w_geo > 0:
             K = self.intrinsics(batch, depth.shape[-2], depth.shape[-1], depth.device)
-            geo = self.geometric(depth, target, K)
+            student_pts, teacher_pts = depth, target
+            if not metric:  # in units of the student's mean depth: scale-invariant
+                unit = depth.mean(dim=(1, 2, 3), keepdim=True)
+                student_pts, teacher_pts = depth / unit, target / unit
+            geo = self.geometric(student_pts, teacher_pts, K)
             terms.update({"geo": geo["total"], "geo_input": geo["input"],
                           "geo_feature": geo["feature"], "geo_global": geo["global"]})
         if opts.w_mse > 0:
-            terms["mse"] = self.mse(depth, target)
+            terms["mse"] = (self.mse(depth, target) if metric
+                            else ssi_mse(self.teacher_space(depth), teacher_out))
         weights = {"cwd": opts.w_cwd, "geo": opts.w_geo, "mse": opts.w_mse}
         loss = sum(w * terms[name] for name, w in weights.items() if w > 0)
         return {"loss": loss, **terms}
