@@ -87,7 +87,11 @@ def test_presets_load() -> None:
                 assert section.data.root == str(Path("target") / "rgb")
     full = load_preset("full")
     assert {r.teacher for r in full.section_rows()} == {"teacher", "swin"}
-    assert [len(s.rows) for s in full.sections] == [5, 3, 4]
+    assert [len(s.rows) for s in full.sections] == [5, 3, 5]
+    # a row's own overrides come after the preset's (the lambda_kd probe of the DisDepth table)
+    (probe,) = [r for r in full.section_rows() if r.overrides]
+    cfg = section_config(full, probe, student, Path("t.pt"), {"target_train": Path("target")})
+    assert cfg.method_kwargs["lambda_kd"] == pytest.approx(2.5e-4) and cfg.optim.lr == 1e-3
     # full: 0.5 epochs of 1200 sim frames at batch 8 = 75 steps between halvings
     assert distill_config(full, "noise", student, Path("t.pt"), Path("sim")).optim.step_size == 75
     with pytest.raises(ValueError, match="unknown bench preset"):

@@ -99,7 +99,8 @@ class RowSpec:
     are evaluated ``lsq``-aligned. data: the transfer images (target_train: the
     target domain's training images; depth is read only by methods that use labels).
     The student is the bench student's encoder and decoder with the row config's head
-    (and LG-Conv) settings.
+    (and LG-Conv) settings. overrides: ``key=value`` on the row's config after the preset's
+    (e.g. one point of a hyper-parameter sweep).
     """
 
     name: str
@@ -107,6 +108,7 @@ class RowSpec:
     teacher: str = "teacher"
     relative_teacher: bool = False
     data: str = "target_train"
+    overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.data not in ROW_DATA:

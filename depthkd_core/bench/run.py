@@ -90,7 +90,7 @@ def section_config(preset: BenchPreset, row: RowSpec, student: ModelConfig, teac
     """A section row: its config with the bench student's encoder/decoder (keeping the row's
     head and LG-Conv), on ``row.data``, from ``teacher`` (relative ONNX when asked)."""
     cfg = load_distill_config(resolve_config(f"config/distill/{row.config}.yaml"),
-                              preset.distill.overrides)
+                              [*preset.distill.overrides, *row.overrides])
     model = replace(cfg.model, encoder=student.encoder, decoder_channels=student.decoder_channels,
                     min_depth=student.min_depth, max_depth=student.max_depth)
     if row.relative_teacher:
