@@ -121,9 +121,12 @@ def test_micro_pipeline_and_cache(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert cli_main(["bench", "--preset", str(tmp_path / "micro.yaml"), "--out", str(out),
                      "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["row"] for r in report["rows"]] == ["teacher", "student", "noise", "kd_ood"]
-    assert all(list(r) == list(COLUMNS) for r in report["rows"][1:])
-    assert list(report["rows"][0]) == [c for c in COLUMNS if c != "recovery"]  # the teacher
+    assert [r["row"] for r in report["rows"]] == ["constant", "teacher", "student", "noise", "kd_ood"]
+    assert all(list(r) == list(COLUMNS) for r in report["rows"][2:])
+    # the constant reference and the teacher have no recovery; the constant costs nothing
+    assert [list(r) for r in report["rows"][:2]] == [[c for c in COLUMNS if c not in ("recovery", "latency_ms")],
+                                                     [c for c in COLUMNS if c != "recovery"]]
+    assert report["rows"][0]["params_M"] == 0 and report["rows"][0]["steps"] == 0
     assert report["trained"] == ["teacher", "student", "noise", "kd_ood"]
     by_row = {r["row"]: r for r in report["rows"]}
     assert by_row["noise"]["recovery"] == 0.0 and by_row["student"]["recovery"] == 1.0
@@ -177,7 +180,7 @@ def test_sections_rows_filter_and_relative_teacher(tmp_path: Path) -> None:
     md = whole.report_md.read_text()
     assert "## micro section" in md and "Paper: tiekd beats MSE" in md and "| lf_rel |" in md
     report = json.loads(whole.report_json.read_text())
-    assert [r["row"] for r in report["rows"]] == ["teacher", "student", "noise"]
+    assert [r["row"] for r in report["rows"]] == ["constant", "teacher", "student", "noise"]
     with pytest.raises(ValueError, match="unknown stage"):
         run_bench(preset, tmp_path, only=["nope"])
 
@@ -232,3 +235,20 @@ def test_relative_disparity_teacher(tmp_path: Path) -> None:
     teacher = load_teacher(tmp_path / "rel.onnx", output=RELATIVE_OUTPUT)
     assert teacher.is_inverse and not teacher.is_metric
     torch.testing.assert_close(teacher(x), rel, atol=1e-4, rtol=1e-4)
+
+
+def test_constant_reference_is_the_median_train_depth(tmp_path: Path) -> None:
+    from depthkd_core.bench.run import evaluate_constant
+    from depthkd_core.data.simulator import write_dataset
+
+    train = write_dataset(tmp_path / "train", "target", n=3, height=64, width=64, seed=0)
+    test = write_dataset(tmp_path / "test", "target", n=2, height=64, width=64, seed=1)
+    preset = from_dict(BenchPreset, MICRO)
+    result = evaluate_constant(Path(train), Path(test), preset)
+    from depthkd_core.data import DepthDataset, build_reader
+
+    frames = DepthDataset(build_reader("sim", train), 64, 64)
+    depths = torch.cat([f["depth"][f["valid"]] for f in (frames[i] for i in range(3))])
+    assert result["depth_m"] == pytest.approx(float(depths.median()))
+    assert result["count"] == 2 and 0 < result["abs_rel"] < 1 and result["params_M"] == 0
+

@@ -21,6 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from depthkd_core.bench.cache import BenchCache, file_hash
 from depthkd_core.bench.preset import SPLITS, BenchPreset, RowSpec, load_preset, resolve_config
 from depthkd_core.bench.relative import RELATIVE_OUTPUT, export_relative_teacher
@@ -152,10 +155,28 @@ class _Stage:
     alignment: str = "none"
 
 
+def evaluate_constant(train_root: Path, test_root: Path, preset: BenchPreset,
+                      frames: int = 200) -> dict[str, Any]:
+    """The trivial reference: every pixel at the median valid depth of (up to ``frames``
+    evenly spaced) target-train frames. A distilled student must beat it to have learnt
+    anything about the scene from its teacher."""
+    ev, size = preset.eval, (preset.data.height, preset.data.width)
+    train = DepthDataset(build_reader("sim", train_root), *size)
+    picks = np.linspace(0, len(train) - 1, min(frames, len(train))).round().astype(int)
+    samples = [train[int(i)] for i in picks]
+    depths = torch.cat([sample["depth"][sample["valid"]] for sample in samples])
+    value = float(depths.median())
+    test = DepthDataset(build_reader("sim", test_root), *size)
+    metrics = evaluate_model(lambda x: torch.full((x.shape[0], 1, *x.shape[-2:]), value), test,
+                             min_depth=ev.min_depth, max_depth=ev.max_depth,
+                             batch_size=ev.batch_size, progress=False)
+    return {**metrics, "depth_m": value, "params_M": 0.0, "GMACs": 0.0}
+
+
 def stage_names(preset: BenchPreset) -> list[str]:
     """Every name ``--rows``/``--force`` accept, in run order."""
     relative = sorted({f"relative:{r.teacher}" for r in preset.section_rows() if r.relative_teacher})
-    return ["teacher", *preset.teachers, "student", *preset.rows, *relative,
+    return ["constant", "teacher", *preset.teachers, "student", *preset.rows, *relative,
             *(r.name for r in preset.section_rows()), "transform"]
 
 
@@ -210,6 +231,12 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
             stages[row.name] = _Stage(path, seconds, cfg.max_steps,
                                       alignment="lsq" if row.relative_teacher else "none")
     results: dict[str, dict[str, Any]] = {}
+    if "constant" in wanted:
+        key = {"train": roots["target_train"].name, "test": roots["target_test"].name,
+               "eval": asdict(preset.eval), "size": [d.height, d.width]}
+        results["constant"] = {**cache.result("constant", "eval", key, lambda: evaluate_constant(
+            roots["target_train"], roots["target_test"], preset)), "steps": 0, "train_s": 0.0,
+            "alignment": "none"}
     for name, stage in stages.items():
         key = {"checkpoint": file_hash(stage.path), "test": roots["target_test"].name,
                "eval": asdict(preset.eval), "size": [d.height, d.width], "output": stage.output,
@@ -270,7 +297,7 @@ def _sections(preset: BenchPreset, results: dict[str, dict[str, Any]]) -> list[d
 def _write(preset: BenchPreset, name: str, out: Path, results: dict[str, dict[str, Any]],
            transform: dict[str, Any] | None, ratios: dict[str, float], cache: BenchCache,
            seconds: float) -> BenchResult:
-    main = {k: v for k, v in results.items() if k in ("teacher", "student", *preset.rows)}
+    main = {k: v for k, v in results.items() if k in ("constant", "teacher", "student", *preset.rows)}
     rows, claim, sections = build_rows(main), check_claim(main), _sections(preset, results)
     spec = preset.transform
     text = (format_report(transform, spec.batch_size, preset.data.height, preset.data.width)

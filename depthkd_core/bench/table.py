@@ -10,6 +10,7 @@ from depthkd_core.evaluate.report import to_markdown
 
 # Row key -> label of the paper's table.
 LABELS: dict[str, str] = {
+    "constant": "Constant (median train depth)",
     "teacher": "Teacher (supervised)",
     "student": "Student (supervised, upper bound)",
     "noise": "Noise",
@@ -49,7 +50,7 @@ def build_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for key, res in results.items():
         row: dict[str, Any] = {"row": key, "method": LABELS.get(key, key)}
-        if key != "teacher":
+        if key not in ("teacher", "constant"):
             row["recovery"] = (recovery_ratio(res["delta1"], noise["delta1"], student["delta1"])
                                if noise and student else math.nan)
         row.update({c: res[c] for c in COLUMNS if c in res})
