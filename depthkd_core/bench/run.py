@@ -198,7 +198,9 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
     needed |= {r.teacher for r in preset.section_rows() if f"relative:{r.teacher}" in wanted}
     if wanted & {*preset.rows, "transform"}:
         needed.add("teacher")
-    cache, d = BenchCache(out, force or []), preset.data
+    # absolute: the data roots are part of every run's config hash, so `--out runs/bench/x`
+    # and `--out /abs/runs/bench/x` must name the same runs
+    cache, d = BenchCache(Path(out).resolve(), force or []), preset.data
     roots = {split: cache.dataset(split, style, getattr(d, split), d.height, d.width,
                                   d.seed + offset, d.workers)
              for split, (style, offset) in SPLITS.items()}
