@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("depthkd_core.online.keyframes")
+# the harness imports rclpy, the message packages and the teacher server (fastapi, uvicorn)
+pytest.importorskip("distill_harness")
 pytestmark = pytest.mark.ros
 
 import torch  # noqa: E402
