@@ -48,3 +48,16 @@ def write_linear_onnx(path: Path, scale: float, offset: float, channel: int = 0,
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def save_tiny_teacher(path: Path) -> Path:
+    """A seeded, untrained ResNet-18 U-Net teacher checkpoint (BatchNorm, gradients): the
+    small torch teacher the method tests distil from."""
+    import torch
+
+    from depthkd_core.models import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="teacher", encoder="resnet18", decoder_channels=(32, 16, 16, 8))
+    return save_checkpoint(path, build_model(cfg), cfg)
+

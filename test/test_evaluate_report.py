@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from torch import nn
 
 from depthkd_core.evaluate.profile import count_macs, count_parameters, measure_latency, onnx_cost
 from depthkd_core.evaluate.report import evaluate_model, to_markdown
+from helpers import FASTDEPTH
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
 
 
 def _predict(images: torch.Tensor) -> torch.Tensor:

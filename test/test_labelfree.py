@@ -21,9 +21,10 @@ from depthkd_core.losses.geometric import (GeometricDistillation, PointNetEncode
 from depthkd_core.methods.config import load_distill_config
 from depthkd_core.methods.engine import build_method
 from depthkd_core.methods.labelfree import LabelfreeConfig, align_to, ssi_mse
-from depthkd_core.models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from depthkd_core.models import load_checkpoint
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
+from helpers import save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
@@ -191,9 +192,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         write_rgb(root / "images" / f"{i:03d}.png", rgb)
     _write_bag(root / "bag", frames)
     _tiny_relative_hf(root / "hf")
-    cfg = ModelConfig(name="teacher", encoder="resnet18", decoder_channels=(32, 16, 16, 8))
-    torch.manual_seed(0)
-    save_checkpoint(root / "metric.pt", build_model(cfg), cfg)
+    save_tiny_teacher(root / "metric.pt")
     return {"root": root, "images": root / "images", "bag": root / "bag", "hf": root / "hf",
             "metric": root / "metric.pt"}
 

@@ -19,25 +19,21 @@ from depthkd_core.methods.config import DistillConfig, load_distill_config
 from depthkd_core.methods.datafree import DatafreeConfig, check_g_teacher
 from depthkd_core.methods.deepinversion import invert_batch
 from depthkd_core.methods.engine import IndexOnly, build_method
-from depthkd_core.models import (ModelConfig, build_model, load_checkpoint, load_teacher,
-                                 save_checkpoint)
+from depthkd_core.models import (load_checkpoint, load_teacher)
 from depthkd_core.models.transform_net import TransformationNet
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
+from helpers import FASTDEPTH, save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
-FASTDEPTH = REPO.parent / "shared" / "models" / "fastdepth" / "fast_depth_224.onnx"
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distill")
     sim = write_dataset(root / "sim", "sim", 4, height=64, width=64, workers=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="teacher", encoder="resnet18", decoder_channels=(32, 16, 16, 8))
-    teacher = save_checkpoint(root / "teacher.pt", build_model(cfg), cfg)
-    return {"root": root, "sim": sim, "teacher": teacher}
+    return {"root": root, "sim": sim, "teacher": save_tiny_teacher(root / "teacher.pt")}
 
 
 def _cfg(assets: dict[str, Path], *overrides: str) -> DistillConfig:

@@ -17,14 +17,14 @@ from depthkd_core.losses.ssim import SSIMLoss
 from depthkd_core.methods.config import load_distill_config
 from depthkd_core.methods.engine import build_method
 from depthkd_core.methods.tiekd import TiekdConfig
-from depthkd_core.models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from depthkd_core.models import load_checkpoint
 from depthkd_core.models.heads import dpm_centers
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
-from helpers import FASTDEPTH
+from helpers import FASTDEPTH, save_tiny_teacher
 
 
 def test_dpm_sums_to_one_and_peaks_at_the_teachers_bin() -> None:
@@ -78,10 +78,7 @@ def test_ssim_against_closed_form() -> None:
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiekd")
     sim = write_dataset(root / "target", "target", 2, height=64, width=64, workers=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="teacher", encoder="resnet18", decoder_channels=(32, 16, 16, 8))
-    teacher = save_checkpoint(root / "teacher.pt", build_model(cfg), cfg)
-    return {"root": root, "sim": sim, "teacher": teacher}
+    return {"root": root, "sim": sim, "teacher": save_tiny_teacher(root / "teacher.pt")}
 
 
 def _args(assets: dict[str, Path], teacher: Path | None = None) -> list[str]:
