@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from depthkd_core.atomic import atomic_open
 from depthkd_core.data.simulator import write_dataset
 from depthkd_core.train.config import TrainConfig
 from depthkd_core.train.trainer import checkpoints
@@ -116,31 +117,32 @@ class BenchCache:
         self.trained.append(name)
         return final, seconds
 
-    def file(self, name: str, kind: str, key: Any, suffix: str, make: Callable[[Path], Any]) -> Path:
-        """A file made by ``make(path)`` at <kind>/<name>-<hash><suffix>, unless it exists."""
+    def _lookup(self, name: str, kind: str, key: Any, suffix: str) -> tuple[Path, bool]:
+        """(<kind>/<name>-<hash><suffix>, whether a finished copy is there); --force removes it."""
         path = self.out / kind / f"{_safe(name)}-{config_hash(key)}{suffix}"
         self._forced(name, path)
         if path.is_file():
             self.hits.append(f"{kind}:{name}")
-            log.info("cache hit: %s %s (%s)", kind, name, path)
-            return path
+            log.info("cache hit: %s of %s (%s)", kind, name, path)
+            return path, True
         path.parent.mkdir(parents=True, exist_ok=True)
-        make(path)
-        self.trained.append(name)
+        return path, False
+
+    def file(self, name: str, kind: str, key: Any, suffix: str, make: Callable[[Path], Any]) -> Path:
+        """A file made by ``make(path)`` (which writes it atomically), unless it exists."""
+        path, hit = self._lookup(name, kind, key, suffix)
+        if not hit:
+            make(path)
+            self.trained.append(name)
         return path
 
     def result(self, name: str, kind: str, key: Any, compute: Callable[[], dict[str, Any]]
                ) -> dict[str, Any]:
         """A JSON result (evaluation, bench-transform) in <kind>/<name>-<hash>.json."""
-        path = self.out / kind / f"{_safe(name)}-{config_hash(key)}.json"
-        self._forced(name, path)
-        if path.is_file():
-            self.hits.append(f"{kind}:{name}")
-            log.info("cache hit: %s of %s (%s)", kind, name, path)
+        path, hit = self._lookup(name, kind, key, ".json")
+        if hit:
             return json.loads(path.read_text())
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_open(path, "w") as f:
+            f.write(json.dumps(value, indent=2) + "\n")
         return value

@@ -110,6 +110,11 @@ class RowSpec:
     data: str = "target_train"
     overrides: list[str] = field(default_factory=list)
 
+    @property
+    def source(self) -> str:
+        """The stage this row distils from: its teacher, or ``relative:<teacher>``."""
+        return f"relative:{self.teacher}" if self.relative_teacher else self.teacher
+
     def __post_init__(self) -> None:
         if self.data not in ROW_DATA:
             raise ValueError(f"row {self.name}: data must be one of {ROW_DATA}, got '{self.data}'")
@@ -157,7 +162,7 @@ class BenchPreset:
         for row in self.rows:
             resolve_config(f"config/distill/{row}.yaml")
         known = {"teacher", "student", *names, *self.teachers,
-                 *(f"relative:{r.teacher}" for s in self.sections for r in s.rows if r.relative_teacher)}
+                 *(r.source for s in self.sections for r in s.rows)}
         for section in self.sections:
             for row in section.rows:
                 if row.teacher != "teacher" and row.teacher not in self.teachers:

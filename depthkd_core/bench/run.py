@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,11 @@ class _Stage:
     output: str = "auto"
     alignment: str = "none"
 
+    @cached_property
+    def sha(self) -> str:
+        """The file's hash, read once: rows key on their teacher's, evaluations on their own."""
+        return file_hash(self.path)
+
 
 def evaluate_constant(train_root: Path, test_root: Path, preset: BenchPreset,
                       frames: int = 200) -> dict[str, Any]:
@@ -175,7 +181,7 @@ def evaluate_constant(train_root: Path, test_root: Path, preset: BenchPreset,
 
 def stage_names(preset: BenchPreset) -> list[str]:
     """Every name ``--rows``/``--force`` accept, in run order."""
-    relative = sorted({f"relative:{r.teacher}" for r in preset.section_rows() if r.relative_teacher})
+    relative = sorted({r.source for r in preset.section_rows() if r.relative_teacher})
     return ["constant", "teacher", *preset.teachers, "student", *preset.rows, *relative,
             *(r.name for r in preset.section_rows()), "transform"]
 
@@ -194,8 +200,7 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
     if unknown:
         raise ValueError(f"--force/--rows name unknown stage(s) {unknown}; stages: {known}")
     wanted = set(known if only is None else only)
-    needed = wanted | {r.teacher for r in preset.section_rows() if r.name in wanted}
-    needed |= {r.teacher for r in preset.section_rows() if f"relative:{r.teacher}" in wanted}
+    needed = wanted | {r.teacher for r in preset.section_rows() if wanted & {r.name, r.source}}
     if wanted & {*preset.rows, "transform"}:
         needed.add("teacher")
     # absolute: the data roots are part of every run's config hash, so `--out runs/bench/x`
@@ -217,19 +222,17 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
     student = configs["student"].model
     for row in preset.rows:
         if row in wanted:
-            cfg = distill_config(preset, row, student, stages["teacher"].path, roots["sim"])
-            path, seconds = cache.train(row, cfg, distill,
-                                        extra={"teacher_sha": file_hash(stages["teacher"].path)})
+            teacher = stages["teacher"]
+            cfg = distill_config(preset, row, student, teacher.path, roots["sim"])
+            path, seconds = cache.train(row, cfg, distill, extra={"teacher_sha": teacher.sha})
             stages[row] = _Stage(path, seconds, cfg.max_steps)
     for row in preset.section_rows():
-        relative = f"relative:{row.teacher}"
-        if row.relative_teacher and (row.name in wanted or relative in wanted):
-            if relative not in stages:
-                stages[relative] = _relative_stage(cache, relative, stages[row.teacher].path, d)
+        if row.relative_teacher and wanted & {row.name, row.source} and row.source not in stages:
+            stages[row.source] = _relative_stage(cache, row.source, stages[row.teacher], d)
         if row.name in wanted:
-            teacher = stages[relative if row.relative_teacher else row.teacher].path
-            cfg = section_config(preset, row, student, teacher, roots)
-            path, seconds = cache.train(row.name, cfg, distill, extra={"teacher_sha": file_hash(teacher)})
+            teacher = stages[row.source]
+            cfg = section_config(preset, row, student, teacher.path, roots)
+            path, seconds = cache.train(row.name, cfg, distill, extra={"teacher_sha": teacher.sha})
             stages[row.name] = _Stage(path, seconds, cfg.max_steps,
                                       alignment="lsq" if row.relative_teacher else "none")
     results: dict[str, dict[str, Any]] = {}
@@ -240,7 +243,7 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
             roots["target_train"], roots["target_test"], preset)), "steps": 0, "train_s": 0.0,
             "alignment": "none"}
     for name, stage in stages.items():
-        key = {"checkpoint": file_hash(stage.path), "test": roots["target_test"].name,
+        key = {"checkpoint": stage.sha, "test": roots["target_test"].name,
                "eval": asdict(preset.eval), "size": [d.height, d.width], "output": stage.output,
                "alignment": stage.alignment}
         metrics = cache.result(name, "eval", key, lambda s=stage: evaluate_checkpoint(
@@ -249,18 +252,18 @@ def run_bench(preset: BenchPreset, out: str | Path, force: list[str] | None = No
                          "alignment": stage.alignment}
     transform = None
     if "transform" in wanted:
-        transform = _transform(preset, cache, stages["teacher"].path, file_hash(stages["teacher"].path),
+        transform = _transform(preset, cache, stages["teacher"].path, stages["teacher"].sha,
                                roots["sim"])
     return _write(preset, preset_name, Path(out), results, transform, ratios, cache,
                   time.perf_counter() - start)
 
 
-def _relative_stage(cache: BenchCache, name: str, teacher: Path, d: Any) -> _Stage:
+def _relative_stage(cache: BenchCache, name: str, teacher: _Stage, d: Any) -> _Stage:
     """The teacher as a relative-disparity ONNX file (bench/relative.py), cached."""
-    key = {"teacher": file_hash(teacher), "size": [d.height, d.width]}
+    key = {"teacher": teacher.sha, "size": [d.height, d.width]}
     start = time.perf_counter()
     path = cache.file(name, "relative", key, ".onnx",
-                      lambda p: export_relative_teacher(teacher, p, d.height, d.width))
+                      lambda p: export_relative_teacher(teacher.path, p, d.height, d.width))
     return _Stage(path, time.perf_counter() - start, 0, RELATIVE_OUTPUT, "lsq")
 
 
@@ -286,7 +289,7 @@ def _sections(preset: BenchPreset, results: dict[str, dict[str, Any]]) -> list[d
     for section in preset.sections:
         refs: list[tuple[str, str]] = []
         for row in section.rows:
-            ref = f"relative:{row.teacher}" if row.relative_teacher else row.teacher
+            ref = row.source
             label = (f"Teacher `{row.teacher}` as relative disparity (ONNX)" if row.relative_teacher
                      else f"Teacher `{row.teacher}` (supervised)")
             if (ref, label) not in refs:

@@ -58,15 +58,23 @@ def build_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def check_pairs(pairs: list[list[str]], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each [worse, better] pair whose rows were run: AbsRel of both, margin, and whether
+    ``worse`` really has the higher AbsRel."""
+    checked = []
+    for worse, better in pairs:
+        if worse in results and better in results:
+            a, b = results[worse]["abs_rel"], results[better]["abs_rel"]
+            checked.append({"worse": worse, "better": better, "abs_rel_worse": a,
+                            "abs_rel_better": b, "margin": a - b, "held": bool(a > b)})
+    return checked
+
+
 def check_claim(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The paper's AbsRel ordering on our rows: consecutive pairs of ``CLAIM_ORDER`` among
     the rows present, each with its margin (AbsRel worse - better) and verdict."""
     present = [k for k in CLAIM_ORDER if k in results]
-    pairs = []
-    for worse, better in zip(present, present[1:]):
-        a, b = results[worse]["abs_rel"], results[better]["abs_rel"]
-        pairs.append({"worse": worse, "better": better, "abs_rel_worse": a,
-                      "abs_rel_better": b, "margin": a - b, "held": bool(a > b)})
+    pairs = check_pairs([list(p) for p in zip(present, present[1:])], results)
     ablations = {k: results[k]["abs_rel"] - results["datafree"]["abs_rel"]
                  for k in ABLATIONS if k in results and "datafree" in results}
     return {"pairs": pairs, "held": all(p["held"] for p in pairs) if pairs else None,
@@ -90,18 +98,6 @@ def _claim_lines(claim: dict[str, Any]) -> list[str]:
 
 SECTION_COLUMNS = ("row", "method", "alignment", "abs_rel", "rmse", "delta1", "params_M",
                    "GMACs", "latency_ms", "steps", "train_s")
-
-
-def check_pairs(pairs: list[list[str]], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each [worse, better] pair whose rows were run: AbsRel of both, margin, and whether
-    ``worse`` really has the higher AbsRel."""
-    checked = []
-    for worse, better in pairs:
-        if worse in results and better in results:
-            a, b = results[worse]["abs_rel"], results[better]["abs_rel"]
-            checked.append({"worse": worse, "better": better, "abs_rel_worse": a,
-                            "abs_rel_better": b, "margin": a - b, "held": bool(a > b)})
-    return checked
 
 
 def section_table(title: str, claim: str, rows: list[tuple[str, str]],

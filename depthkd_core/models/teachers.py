@@ -213,8 +213,9 @@ def load_teacher(source: str | Path, device: str | torch.device = "cpu", provide
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"teacher not found: {path}")
-    if output != "auto" and (path.is_dir() or not (path.suffix.lower() == ".onnx"
-                                                   or is_torchscript(path))):
+    onnx = not path.is_dir() and path.suffix.lower() == ".onnx"
+    torchscript = not path.is_dir() and not onnx and is_torchscript(path)
+    if output != "auto" and not (onnx or torchscript):
         raise ValueError(f"teacher output '{output}' applies to ONNX/TorchScript files only; "
                          f"{path} says what it predicts itself (checkpoints are metric, "
                          "Hugging Face folders name it in config.json): use output 'auto'")
@@ -225,9 +226,9 @@ def load_teacher(source: str | Path, device: str | torch.device = "cpu", provide
         from .hf_teacher import HuggingFaceTeacher
 
         teacher: Teacher = HuggingFaceTeacher(path, device=device)
-    elif path.suffix.lower() == ".onnx":
+    elif onnx:
         teacher = OnnxTeacher(path, providers, True if is_metric is None else is_metric, is_inverse)
-    elif is_torchscript(path):
+    elif torchscript:
         teacher = TorchScriptTeacher(path, device, True if is_metric is None else is_metric,
                                      is_inverse=is_inverse)
     else:
