@@ -11,6 +11,9 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
 TUM = SHARED / "data" / "tum_sample"
+REDWOOD = SHARED / "data" / "redwood_sample"
+# The smallest widths FastDepthNet accepts (skip additions need equal widths).
+TINY_FASTDEPTH = {"encoder_channels": (8,) * 14, "decoder_channels": (8,) * 5}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
@@ -61,3 +64,17 @@ def save_tiny_teacher(path: Path) -> Path:
     cfg = ModelConfig(name="teacher", encoder="resnet18", decoder_channels=(32, 16, 16, 8))
     return save_checkpoint(path, build_model(cfg), cfg)
 
+
+
+def save_tiny_fastdepth_onnx(path: Path, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Path:
+    """A seeded, untrained FastDepth of the smallest widths, exported to ONNX at ``size``: a
+    teacher file of FastDepth's architecture that a student can be initialised from."""
+    import torch
+
+    from depthkd_core.export.onnx_export import export_onnx
+    from depthkd_core.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH))
+    export_onnx(model, path, *size)
+    return path

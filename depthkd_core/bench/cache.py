@@ -30,7 +30,8 @@ _DONE = "bench_done.json"
 _PLACEMENT = ("out_dir", "resume")
 # Fields added after runs were cached, at the value that computes what those runs did:
 # left out of the hash at that value, so adding a field never invalidates a cache.
-_NEUTRAL = {"teacher_output": "auto"}
+# Dotted keys name fields of nested sections.
+_NEUTRAL = {"teacher_output": "auto", "model.encoder_channels": None}
 
 
 def config_hash(data: Any) -> str:
@@ -50,8 +51,14 @@ def file_hash(path: str | Path) -> str:
 
 def run_hash(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> str:
     """Hash of a resolved training config without its placement fields, plus ``extra``."""
-    data = {k: v for k, v in asdict(cfg).items()
-            if k not in _PLACEMENT and not (k in _NEUTRAL and v == _NEUTRAL[k])}
+    data = {k: v for k, v in asdict(cfg).items() if k not in _PLACEMENT}
+    for key, neutral in _NEUTRAL.items():
+        *parents, field = key.split(".")
+        section = data
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict) and field in section and section[field] == neutral:
+            del section[field]
     return config_hash({"config": data, **(extra or {})})
 
 

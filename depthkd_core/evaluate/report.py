@@ -39,13 +39,15 @@ def evaluate_model(predict: Predict, dataset: Dataset | Sequence[dict[str, Any]]
                    min_depth: float = 1e-3, max_depth: float = 10.0, crop: Crop = None,
                    alignment: AlignMode = "none", limit: int | None = None,
                    batch_size: int = 1, num_workers: int = 0, progress: bool = True,
-                   inverse: bool = False) -> dict[str, float]:
+                   inverse: bool = False, reference: Predict | None = None) -> dict[str, float]:
     """Mean per-image depth metrics of ``predict`` over ``dataset`` (plus ``count``).
 
     ``predict`` maps images (B,3,H,W) in [0,1] to depth (B,1,H,W): a ``DepthNet``
     or a ``Teacher``. ``dataset`` yields ``DepthDataset`` dicts (``image``,
     ``depth``, ``valid``, ``has_depth``); samples without depth are skipped.
     ``inverse``: the predictions are relative inverse depth (``Teacher.is_inverse``).
+    ``reference``: another model's depth is the ground truth (agreement with a
+    teacher; needs no labels, so every sample counts).
     """
     if limit is not None:
         if limit < 1:
@@ -59,14 +61,18 @@ def evaluate_model(predict: Predict, dataset: Dataset | Sequence[dict[str, Any]]
     skipped = 0
     with eval_mode(predict), torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-            has = batch.get("has_depth", torch.ones(len(batch["image"]), dtype=torch.bool))
-            skipped += int((~has).sum())
-            if not has.any():
-                continue
-            gt = batch["depth"][has]
-            if "valid" in batch:
-                gt = torch.where(batch["valid"][has], gt, torch.zeros_like(gt))
-            pred = predict(batch["image"][has].to(device))
+            images = batch["image"]
+            if reference is not None:
+                gt = reference(images.to(_device(reference))).to("cpu")
+            else:
+                has = batch.get("has_depth", torch.ones(len(images), dtype=torch.bool))
+                skipped += int((~has).sum())
+                if not has.any():
+                    continue
+                images, gt = images[has], batch["depth"][has]
+                if "valid" in batch:
+                    gt = torch.where(batch["valid"][has], gt, torch.zeros_like(gt))
+            pred = predict(images.to(device))
             if tuple(pred.shape) != tuple(gt.shape):
                 raise ValueError(f"prediction shape {tuple(pred.shape)} does not match ground "
                                  f"truth shape {tuple(gt.shape)}")
@@ -138,6 +144,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=TEACHER_OUTPUTS,
                         help="what an ONNX/TorchScript --model predicts (relative_inverse: "
                              "affine-invariant disparity, e.g. a MiDaS export)")
+    parser.add_argument("--teacher", default=None,
+                        help="also report agreement with this model (agree_* columns: its depth "
+                             "as the reference, metric; needs no ground truth)")
     parser.add_argument("--reader", default="sim", help="dataset reader key (sim, tum, nyu_png, kitti, ...)")
     parser.add_argument("--height", type=int, default=224, help="input height fed to the model")
     parser.add_argument("--width", type=int, default=224, help="input width fed to the model")
@@ -175,6 +184,12 @@ def run_cli(args: argparse.Namespace) -> int:
                            "size": f"{args.height}x{args.width}", "crop": args.crop,
                            "alignment": f"{alignment} (disparity)" if inverse else alignment,
                            **metrics}
+    if args.teacher is not None:
+        agreement = evaluate_model(teacher, dataset, min_depth=args.min_depth, max_depth=args.max_depth,
+                                   crop=crop, limit=args.limit, batch_size=args.batch_size,
+                                   num_workers=args.workers, progress=not args.no_progress,
+                                   reference=load_teacher(args.teacher))
+        row.update({f"agree_{key}": agreement[key] for key in ("abs_rel", "rmse", "delta1")})
     row.update(model_cost(teacher, (1, 3, args.height, args.width), args.latency_runs))
     table = to_markdown([row])
     print(table, end="")

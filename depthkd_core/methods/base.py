@@ -24,13 +24,15 @@ class DistillMethod:
     """Base of the ``METHODS`` entries.
 
     Subclasses set ``Config`` (their ``method_kwargs`` dataclass), ``uses_data``
-    (False: the method makes its own images and never reads ``data.root``) and
-    implement ``step``. ``extra_optimizers`` / ``extra_modules`` go to the
+    (False: the method makes its own images and never reads ``data.root``),
+    ``teacher_gradients`` (True: it trains through the teacher, so an ONNX teacher is
+    loaded as a converted torch module) and implement ``step``. ``extra_optimizers`` / ``extra_modules`` go to the
     ``Trainer``: each extra optimiser steps on the loss of the same name.
     """
 
     Config: ClassVar[type] = NoOptions
     uses_data: ClassVar[bool] = True
+    teacher_gradients: ClassVar[bool] = False
 
     def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillConfig) -> None:
         self.teacher, self.cfg = teacher, cfg

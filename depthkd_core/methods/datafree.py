@@ -75,7 +75,8 @@ def check_g_teacher(teacher: Teacher) -> BatchNormStatsLoss:
     module = teacher.module
     reason = None
     if module is None or not teacher.differentiable:
-        reason = "has no PyTorch module with gradients (e.g. an ONNX or cached teacher)"
+        reason = ("has no PyTorch module with gradients (e.g. a cached teacher; an ONNX file has "
+                  "its BatchNorm folded into the convolutions, so its statistics are gone)")
     elif not batchnorm_layers(module):
         reason = "has no BatchNorm layers with running statistics"
     if reason is not None:

@@ -68,6 +68,7 @@ class Dfad(DistillMethod):
 
     Config = DfadConfig
     uses_data = False
+    teacher_gradients = True
 
     def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillConfig) -> None:
         super().__init__(teacher, student, cfg)

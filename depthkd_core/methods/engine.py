@@ -42,7 +42,8 @@ class IndexOnly(Dataset):
 def build_method(cfg: DistillConfig) -> tuple[DistillMethod, torch.nn.Module]:
     """(method, student): the teacher loaded, the student built from ``cfg.model`` at ``cfg.seed``."""
     method_cls = METHODS.get(cfg.method)
-    teacher = load_teacher(cfg.teacher, device=cfg.device, output=cfg.teacher_output)
+    teacher = load_teacher(cfg.teacher, device=cfg.device, output=cfg.teacher_output,
+                           differentiable=method_cls.teacher_gradients)
     seed_everything(cfg.seed)  # identical student (and G) initial weights for a given seed
     student = build_model(cfg.model)
     return method_cls(teacher, student, cfg), student

@@ -3,14 +3,15 @@
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .depthnet import MODELS, DepthNet, build_model
+from .fastdepth import FastDepthNet
 from .heads import HEADS, dpm_centers
 from .hf_teacher import HuggingFaceTeacher
-from .teachers import (CachedTeacher, CheckpointTeacher, OnnxTeacher, Teacher, TorchScriptTeacher,
-                       load_teacher)
+from .teachers import (CachedTeacher, CheckpointTeacher, OnnxTeacher, OnnxTorchTeacher, Teacher,
+                       TorchScriptTeacher, load_teacher)
 
 __all__ = [
-    "ModelConfig", "MODELS", "HEADS", "DepthNet", "build_model", "dpm_centers",
+    "ModelConfig", "MODELS", "HEADS", "DepthNet", "FastDepthNet", "build_model", "dpm_centers",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
-    "Teacher", "CheckpointTeacher", "TorchScriptTeacher", "OnnxTeacher", "HuggingFaceTeacher",
+    "Teacher", "CheckpointTeacher", "TorchScriptTeacher", "OnnxTeacher", "OnnxTorchTeacher", "HuggingFaceTeacher",
     "CachedTeacher", "load_teacher",
 ]

@@ -11,15 +11,20 @@ BIN_LAYOUTS = ("log", "linear")
 class ModelConfig:
     """Architecture of a DepthNet.
 
-    name: registry key in ``MODELS`` ("student" light decoder, "teacher" U-Net).
+    name: registry key in ``MODELS`` ("student" light decoder, "teacher" U-Net,
+        "fastdepth" MobileNet-NNConv5 with its own encoder: ``encoder`` and ``head``
+        do not apply to it).
     encoder: timm model name (always built with ``pretrained=False``).
     head: registry key in ``HEADS`` ("direct", "bins", "dpm").
     min_depth, max_depth: metric output range in metres (all heads are bounded).
     num_bins: K for the "bins" (AdaBins) and "dpm" (TIE-KD) heads.
     bin_layout: DPM bin centre spacing, "log" (TIE-KD default) or "linear".
-    decoder_channels: output channels of each decoder stage (strides 16, 8, 4, 2);
-        None uses the registry entry's default.
-    pretrained: local timm-format weights of the encoder (.pth/.safetensors).
+    decoder_channels: output channels of each decoder stage (strides 16, 8, 4, 2;
+        fastdepth: 16, 8, 4, 2, 1); None uses the registry entry's default.
+    encoder_channels: fastdepth only: the widths of its stem and 13 blocks (None =
+        MobileNet v1 1.0); timm encoders take theirs from ``encoder``.
+    pretrained: local timm-format weights of the encoder (.pth/.safetensors);
+        fastdepth: a FastDepth ONNX file whose weights initialise the whole model.
     input_size: (H, W) the encoder is built for; needed by ViT encoders (fixed
         position embeddings) and used as Swin's reference size; None = any size.
     lgconv_stages: encoder feature stages wrapped in LG-Conv (DisDepth; negative
@@ -35,6 +40,7 @@ class ModelConfig:
     num_bins: int = 64
     bin_layout: str = "log"
     decoder_channels: tuple[int, ...] | None = None
+    encoder_channels: tuple[int, ...] | None = None
     pretrained: str | None = None
     input_size: tuple[int, int] | None = None
     lgconv_stages: tuple[int, ...] = ()
@@ -48,10 +54,13 @@ class ModelConfig:
             raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
         if self.bin_layout not in BIN_LAYOUTS:
             raise ValueError(f"bin_layout must be one of {BIN_LAYOUTS}, got '{self.bin_layout}'")
-        if self.decoder_channels is not None:
-            self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
-            if not self.decoder_channels or min(self.decoder_channels) < 1:
-                raise ValueError(f"decoder_channels must be positive, got {self.decoder_channels}")
+        for name in ("decoder_channels", "encoder_channels"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(int(c) for c in value)
+                if not value or min(value) < 1:
+                    raise ValueError(f"{name} must be positive, got {value}")
+                setattr(self, name, value)
         if self.input_size is not None:
             if len(self.input_size) != 2 or min(self.input_size) < 32:
                 raise ValueError(f"input_size must be (H, W) >= 32, got {self.input_size}")

@@ -145,6 +145,25 @@ class OnnxTeacher(Teacher):
         return torch.from_numpy(self.model.predict_batch(x)).to(images.device)
 
 
+class OnnxTorchTeacher(Teacher):
+    """An ONNX depth model converted to a torch module (``onnx_torch``): gradients flow to
+    the input, for methods that train through the teacher (DFAD). Frozen like every
+    torch teacher; folded BatchNorm means no running statistics."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", is_metric: bool = True,
+                 is_inverse: bool = False) -> None:
+        from ..export.runtime import OnnxDepthModel
+        from .onnx_torch import onnx_to_torch
+
+        # the runtime reads the input size (and refuses a file that is no depth model)
+        self.input_size = OnnxDepthModel(path, "cpu").input_size
+        self.module = _freeze(onnx_to_torch(path).to(device))
+        self.name, self.is_metric, self.is_inverse = Path(path).name, is_metric, is_inverse
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+
 class CachedTeacher(Teacher):
     """Caches a teacher's depth per image on disk (``<hash>.npy``).
 
@@ -202,12 +221,14 @@ def output_flags(output: str) -> tuple[bool | None, bool]:
 
 def load_teacher(source: str | Path, device: str | torch.device = "cpu", providers: str = "auto",
                  is_metric: bool | None = None, cache_dir: str | Path | None = None,
-                 output: str = "auto") -> Teacher:
+                 output: str = "auto", differentiable: bool = False) -> Teacher:
     """Open a teacher by path: Hugging Face folder (config.json), ``.onnx``,
     TorchScript archive or depthkd checkpoint; ``cache_dir`` wraps it in a
     CachedTeacher. ``is_metric`` or ``output`` (``TEACHER_OUTPUTS``: relative,
     relative_inverse = disparity, e.g. a MiDaS export) say what an ONNX/TorchScript
-    file predicts; checkpoints are metric and Hugging Face folders say so themselves."""
+    file predicts; checkpoints are metric and Hugging Face folders say so themselves.
+    ``differentiable``: an ONNX file is converted to torch (OnnxTorchTeacher) instead
+    of running in ONNX Runtime (faster, no gradients)."""
     flag_metric, is_inverse = output_flags(output)
     is_metric = flag_metric if is_metric is None else is_metric
     path = Path(source)
@@ -226,6 +247,8 @@ def load_teacher(source: str | Path, device: str | torch.device = "cpu", provide
         from .hf_teacher import HuggingFaceTeacher
 
         teacher: Teacher = HuggingFaceTeacher(path, device=device)
+    elif onnx and differentiable:
+        teacher = OnnxTorchTeacher(path, device, True if is_metric is None else is_metric, is_inverse)
     elif onnx:
         teacher = OnnxTeacher(path, providers, True if is_metric is None else is_metric, is_inverse)
     elif torchscript:

@@ -1,0 +1,152 @@
+"""`depthkd bench-real`: depth models judged on real RGB-D frames, and by how well they
+agree with a teacher there.
+
+    depthkd bench-real [--config config/bench/real.yaml] [--out runs/bench_real]
+
+Every row is a model file (the students the recipes made, the teacher itself); every
+column block a set of real frames (Redwood and TUM in ../shared by default). Per set:
+accuracy against the frames' ground truth (metric, and per-image median-aligned),
+agreement with the teacher (its depth as the reference: no labels needed), the
+worst frame's agreement delta1 (the fidelity target holds on every frame, not on
+average), and each model's params, MACs and CPU latency measured in the same run.
+Real frames only judge here: nothing in this module trains or selects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from depthkd_core.config import load_config
+from depthkd_core.evaluate.metrics import compute_depth_metrics
+from depthkd_core.evaluate.report import model_cost, to_markdown
+
+
+@dataclass
+class RealSet:
+    """Real frames with ground truth: ``reader`` key and its ``root``."""
+
+    name: str
+    reader: str
+    root: str
+
+
+@dataclass
+class RealRow:
+    """A model to judge: a file ``load_teacher`` opens (ONNX, TorchScript, checkpoint)."""
+
+    name: str
+    model: str
+
+
+@dataclass
+class RealBenchConfig:
+    """teacher: the reference for agreement. height/width: the frames are evaluated at
+    this size (each model resizes to its own input and back, as the live node does).
+    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model."""
+
+    teacher: str
+    rows: list[RealRow]
+    sets: list[RealSet] = field(default_factory=lambda: [
+        RealSet("redwood", "nyu_png", "../shared/data/redwood_sample"),
+        RealSet("tum", "tum", "../shared/data/tum_sample")])
+    height: int = 480
+    width: int = 640
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    latency_runs: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("bench-real needs at least one row")
+        self.rows = [r if isinstance(r, RealRow) else RealRow(**r) for r in self.rows]
+        self.sets = [s if isinstance(s, RealSet) else RealSet(**s) for s in self.sets]
+
+
+def _frames(real: RealSet, height: int, width: int) -> list[dict[str, torch.Tensor]]:
+    from depthkd_core.data import DepthDataset, build_reader
+
+    dataset = DepthDataset(build_reader(real.reader, real.root), height, width)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def judge(model: Any, teacher: Any, frames: list[dict[str, torch.Tensor]], min_depth: float,
+          max_depth: float) -> dict[str, float]:
+    """Mean metrics of ``model`` over ``frames``: against ground truth (``gt_*``, metric;
+    ``gt_med_*``, median-aligned) and against ``teacher`` (``agree_*``, metric), plus
+    the lowest per-frame agreement delta1 (``agree_delta1_min``)."""
+    rows: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for frame in frames:
+            image = frame["image"][None]
+            pred, ref = model(image), teacher(image)
+            gt = torch.where(frame["valid"], frame["depth"], torch.zeros_like(frame["depth"]))[None]
+            for prefix, target, align in (("gt_", gt, "none"), ("gt_med_", gt, "median"),
+                                          ("agree_", ref, "none")):
+                m = compute_depth_metrics(pred, target, min_depth, max_depth, alignment=align)
+                for key in ("abs_rel", "rmse", "delta1"):
+                    rows.setdefault(prefix + key, []).append(m[key])
+    result = {key: float(np.mean(values)) for key, values in rows.items()}
+    result["agree_delta1_min"] = float(np.min(rows["agree_delta1"]))
+    result["frames"] = len(frames)
+    return result
+
+
+def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
+    """One result row per (model, frame set); writes real.json and real.md to ``out_dir``."""
+    from depthkd_core.models.teachers import load_teacher
+
+    teacher = load_teacher(cfg.teacher)
+    sets = {s.name: _frames(s, cfg.height, cfg.width) for s in cfg.sets}
+    shape = (1, 3, cfg.height, cfg.width)
+    teacher_ms = model_cost(teacher, shape, cfg.latency_runs)["latency_ms"]
+    results = []
+    for row in cfg.rows:
+        model = load_teacher(row.model)
+        cost = model_cost(model, shape, cfg.latency_runs)
+        size = "x".join(map(str, model.input_size)) if model.input_size else "any"
+        for name, frames in sets.items():
+            results.append({"model": row.name, "set": name, "input": size,
+                            **judge(model, teacher, frames, cfg.min_depth, cfg.max_depth), **cost,
+                            "latency_vs_teacher": cost["latency_ms"] / teacher_ms})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"date": date.today().isoformat(), "teacher": cfg.teacher, "teacher_latency_ms": teacher_ms,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "sets": [vars(s) for s in cfg.sets]}
+    (out_dir / "real.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    table = render(results, meta)
+    (out_dir / "real.md").write_text(table)
+    print(table, end="")
+    return results
+
+
+COLUMNS = ("model", "set", "input", "gt_abs_rel", "gt_delta1", "gt_med_abs_rel", "gt_med_delta1",
+           "agree_abs_rel", "agree_delta1", "agree_delta1_min", "params_M", "GMACs", "latency_ms",
+           "latency_vs_teacher")
+
+
+def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table as markdown, with what it was measured against."""
+    head = (f"Real frames ({', '.join(s['name'] for s in meta['sets'])}), {meta['date']}; "
+            f"agreement: the teacher {Path(meta['teacher']).name} as reference "
+            f"({meta['teacher_latency_ms']:.1f} ms); gt_med: per-image median-aligned.\n\n")
+    return head + to_markdown(results, COLUMNS)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("config/bench/real.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_real"))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)  # latency comparable with the node's single-frame use
+    run_real_bench(load_config(RealBenchConfig, args.config), args.out)
+    return 0

@@ -1,0 +1,216 @@
+"""FastDepth (MobileNet-NNConv5; Wofk et al., ICRA 2019) with BatchNorm folded, registry key "fastdepth".
+
+The architecture of a real, deployed indoor depth model, so that a student can start
+from its weights: ``pretrained: fast_depth_224.onnx`` imports them from an ONNX file of
+this architecture (``import_onnx_weights``; int8 DequantizeLinear weights are
+dequantised). Training it at a lower input resolution than the original is the
+"resolution" student of the real-camera recipe (docs/student.md): it keeps what the
+teacher learnt from real images and needs a quarter of its MACs at half the side.
+
+Layout: a 3x3/2 stem and 13 depthwise-separable blocks (MobileNet v1, widths in
+``ModelConfig.encoder_channels``), a decoder of 5 stages (depthwise 5x5 + pointwise,
+nearest x2 upsampling; widths in ``decoder_channels``) with additive skips from the
+encoder at strides 8, 4 and 2, and a pointwise layer to depth. Input RGB in [0, 1]
+(no mean/std, as FastDepth), output metric depth at the input size. With
+``ModelConfig.input_size`` the network runs at that size whatever it is given
+(antialiased resize in, bilinear out): a student trained on larger images than it
+runs on, beside a teacher that sees them sharp; an export at that size has no resize.
+
+Every activation is ``clamp(x, 0, cap)``: ReLU6 in the encoder, ReLU in the decoder,
+and an imported file's int8 activation ranges (its Clip nodes) where it has them, so
+an imported model computes what the file does. The caps are buffers (in checkpoints,
+exported), never trained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .depthnet import MODELS
+from .teachers import resize
+
+# MobileNet v1 at width 1.0 (the FastDepth paper's encoder) and NNConv5's decoder.
+ENCODER_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
+DECODER_CHANNELS = (512, 256, 128, 64, 32)
+# Stride of each depthwise conv of the 13 blocks.
+BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
+# Decoder stage (1-based) -> the encoder output (0 = stem, i = block i) added after it.
+SKIPS = {2: 5, 3: 3, 4: 1}
+
+
+class CappedReLU(nn.Module):
+    """``clamp(x, 0, cap)`` with a fixed (buffer) cap; inf = plain ReLU."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.register_buffer("cap", torch.tensor(float(cap)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(F.relu(x), self.cap)
+
+
+class ConvAct(nn.Sequential):
+    """Conv (bias, 'same' padding) followed by a capped ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
+                 cap: float = math.inf) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if depthwise else 1),
+                         CappedReLU(cap))
+
+
+class FastDepthEncoder(nn.Module):
+    """Stem + 13 depthwise-separable blocks; returns every block's output (stem first)."""
+
+    fixed_size = None  # any multiple of 32 (the same contract as the timm encoders)
+    reductions = (2, 2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32)
+
+    def __init__(self, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        layers = [ConvAct(3, channels[0], 3, 2, cap=6.0)]
+        for cin, cout, stride in zip(channels[:-1], channels[1:], BLOCK_STRIDES):
+            layers.append(nn.Sequential(ConvAct(cin, cin, 3, stride, depthwise=True, cap=6.0),
+                                        ConvAct(cin, cout, 1, cap=6.0)))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class FastDepthNet(nn.Module):
+    """RGB [0,1] (B,3,H,W), H and W multiples of 32 -> metric depth (B,1,H,W)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        enc = tuple(cfg.encoder_channels or ENCODER_CHANNELS)
+        dec = tuple(cfg.decoder_channels or DECODER_CHANNELS)
+        if len(enc) != len(ENCODER_CHANNELS) or len(dec) != len(DECODER_CHANNELS):
+            raise ValueError(f"fastdepth needs {len(ENCODER_CHANNELS)} encoder_channels and "
+                             f"{len(DECODER_CHANNELS)} decoder_channels, got {enc} and {dec}")
+        for stage, block in SKIPS.items():
+            if dec[stage - 1] != enc[block]:
+                raise ValueError(f"fastdepth: decoder stage {stage} ({dec[stage - 1]} channels) "
+                                 f"is added to encoder block {block} ({enc[block]} channels)")
+        self.cfg = cfg
+        self.encoder = FastDepthEncoder(enc)
+        stages, cin = [], enc[-1]
+        for cout in dec:
+            stages.append(nn.Sequential(ConvAct(cin, cin, 5, depthwise=True),
+                                        ConvAct(cin, cout, 1)))
+            cin = cout
+        self.decoder = nn.ModuleList(stages)
+        self.skip_acts = nn.ModuleDict({str(s): CappedReLU(math.inf) for s in SKIPS})
+        self.out = nn.Conv2d(cin, 1, 1)
+        # a random network starts mid-range: below min_depth the output (ReLU, clamp) has no gradient
+        nn.init.constant_(self.out.bias, math.sqrt(cfg.min_depth * cfg.max_depth))
+        self.out_act = CappedReLU(cfg.max_depth)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"FastDepthNet expects images (B,3,H,W), got shape {tuple(x.shape)}")
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 32")
+
+    def forward_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Depth (at the input size) plus the encoder "features" and "decoder_features"
+        (at the run size), as DepthNet's."""
+        size = tuple(x.shape[-2:])
+        if self.cfg.input_size is not None:
+            x = resize(x, self.cfg.input_size)
+        if not torch.jit.is_tracing():
+            self._check(x)
+        feats = self.encoder(x.clamp(0.0, 1.0))
+        y, dec = feats[-1], []
+        for i, stage in enumerate(self.decoder, start=1):
+            y = F.interpolate(stage(y), scale_factor=2.0, mode="nearest")
+            if i in SKIPS:
+                y = self.skip_acts[str(i)](y + feats[SKIPS[i]])
+            dec.append(y)
+        depth = resize(self.out_act(self.out(y)).clamp_min(self.cfg.min_depth), size)
+        return {"features": feats, "decoder_features": dec, "depth": depth}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_dict(x)["depth"]  # type: ignore[return-value]
+
+    def convs_and_caps(self) -> tuple[list[nn.Conv2d], list[CappedReLU]]:
+        """Every conv in graph order, each with the activation after it."""
+        pairs: list[tuple[nn.Conv2d, CappedReLU]] = []
+        for module in [*self.encoder.layers, *self.decoder]:
+            pairs += [(m[0], m[1]) for m in module.modules() if isinstance(m, ConvAct)]
+        pairs.append((self.out, self.out_act))
+        return [c for c, _ in pairs], [a for _, a in pairs]
+
+
+@MODELS.register("fastdepth")
+def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
+    model = FastDepthNet(cfg)
+    if cfg.pretrained is not None:
+        import_onnx_weights(model, cfg.pretrained)
+    return model
+
+
+def import_onnx_weights(model: FastDepthNet, path: str | Path) -> FastDepthNet:
+    """Load the weights and activation caps of a FastDepth ONNX file into ``model``.
+
+    The file's Conv nodes, in graph order, must have exactly ``model``'s shapes
+    (ValueError names the file's widths otherwise). Each activation cap is the
+    tightest Clip/Relu bound on the conv's (or skip add's) output chain.
+    """
+    import onnx
+
+    from .onnx_torch import constant_values
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"FastDepth ONNX weights not found: {path}")
+    graph = onnx.load(str(path)).graph
+    consts = constant_values(graph)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    targets, acts = model.convs_and_caps()
+    shapes = [tuple(consts[n.input[1]].shape) for n in convs]
+    if shapes != [tuple(c.weight.shape) for c in targets]:
+        widths = [s[0] for s in shapes]
+        raise ValueError(f"{path} is not a FastDepth of this model's widths: its {len(convs)} convs "
+                         f"have output channels {widths}; the model expects "
+                         f"{[c.weight.shape[0] for c in targets]} (set model.encoder_channels and "
+                         "model.decoder_channels to the file's)")
+    if len(adds) != len(SKIPS):
+        raise ValueError(f"{path}: expected {len(SKIPS)} skip additions, found {len(adds)}")
+
+    def chain_cap(name: str) -> float:
+        cap = math.inf
+        while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in ("Clip", "Relu"):
+            node = consumers[name][0]
+            if node.op_type == "Clip" and len(node.input) > 2 and node.input[2]:
+                cap = min(cap, float(consts[node.input[2]]))
+            name = node.output[0]
+        return cap
+
+    with torch.no_grad():
+        for node, conv, act in zip(convs, targets, acts):
+            conv.weight.copy_(torch.from_numpy(consts[node.input[1]].astype(np.float32)))
+            if len(node.input) > 2 and node.input[2]:
+                conv.bias.copy_(torch.from_numpy(consts[node.input[2]].astype(np.float32)))
+            else:
+                conv.bias.zero_()
+            act.cap.fill_(min(float(act.cap), chain_cap(node.output[0])))
+        # the adds appear in decoder order: stage 2, 3, 4
+        for node, key in zip(adds, sorted(model.skip_acts, key=int)):
+            model.skip_acts[key].cap.fill_(chain_cap(node.output[0]))
+    return model

@@ -1,0 +1,191 @@
+"""`depthkd make-student`: a deployable student from a teacher file, end to end, with its provenance.
+
+    depthkd make-student --config config/student/fastdepth.yaml [--install depthkd_ros/models]
+
+simulate the transfer images -> distil (a config/distill/*.yaml run, resumed when its
+folder holds checkpoints) -> export ONNX at the deployment size with a parity check ->
+judge on held-out simulated frames (agreement with the teacher, accuracy against the
+rendered depth) -> ``student.onnx``, ``student.pt`` and ``student.json`` (provenance:
+teacher file and sha256, method, data, steps, command, date, figures) in ``out_dir``;
+``--install DIR`` copies the three there atomically. Only simulated images are read:
+real frames judge a student (``depthkd bench-real``), they never make one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from depthkd_core.atomic import atomic_open
+from depthkd_core.config import load_config
+
+ARTIFACTS = ("student.onnx", "student.pt", "student.json")
+
+
+@dataclass
+class StudentRecipe:
+    """teacher: the file to distil (ONNX, TorchScript, checkpoint, HF folder).
+    distill: the config/distill/*.yaml run; overrides: dotted ``key=value`` on it.
+    init_from_teacher: the student starts from the teacher file's weights
+    (``model.pretrained`` = teacher; a FastDepth student of a FastDepth teacher).
+    sim_*: the transfer set (style, frames, seed, rendered size); val_*: held-out
+    simulated frames (another seed) that judge the student before it ships.
+    export_height/width: the ONNX input size (the live node's model input)."""
+
+    teacher: str
+    distill: str
+    overrides: list[str] = field(default_factory=list)
+    init_from_teacher: bool = False
+    sim_style: str = "target"
+    sim_frames: int = 2000
+    sim_seed: int = 1
+    sim_height: int = 240
+    sim_width: int = 320
+    sim_workers: int = 2
+    val_frames: int = 100
+    val_seed: int = 1000
+    export_height: int = 96
+    export_width: int = 128
+    out_dir: str = "runs/student/fastdepth"
+
+    def __post_init__(self) -> None:
+        if self.sim_frames < 1 or self.val_frames < 1:
+            raise ValueError(f"sim_frames and val_frames must be >= 1, got {self.sim_frames}, "
+                             f"{self.val_frames}")
+        if self.val_seed == self.sim_seed:
+            raise ValueError("val_seed must differ from sim_seed: held-out frames are other frames")
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def simulated_set(style: str, n: int, seed: int, height: int, width: int, workers: int,
+                  root: Path = Path("runs/data")) -> Path:
+    """The folder of ``n`` frames of ``style`` (rendered once; a complete folder is reused)."""
+    from depthkd_core.data.simulator import write_dataset
+
+    out = root / f"{style}_s{seed}_n{n}_{height}x{width}"
+    meta = out / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("n") == n:
+        return out
+    # meta.json is written last: a folder without it is an interrupted render
+    return write_dataset(out, style, n, height, width, seed, workers)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def sim_figures(student_onnx: Path, teacher: str, data: Path, limit: int,
+                height: int, width: int) -> dict[str, float]:
+    """Agreement with the teacher and accuracy against the rendered depth on held-out frames."""
+    from depthkd_core.data import DepthDataset, build_reader
+    from depthkd_core.evaluate.report import evaluate_model
+    from depthkd_core.models.teachers import load_teacher
+
+    model, reference = load_teacher(student_onnx), load_teacher(teacher)
+    dataset = DepthDataset(build_reader("sim", data), height, width)
+    kwargs = dict(min_depth=0.1, max_depth=10.0, limit=limit, progress=False)
+    agree = evaluate_model(model, dataset, reference=reference, **kwargs)
+    truth = evaluate_model(model, dataset, **kwargs)
+    return {"agree_abs_rel": agree["abs_rel"], "agree_delta1": agree["delta1"],
+            "gt_abs_rel": truth["abs_rel"], "gt_delta1": truth["delta1"], "frames": agree["count"]}
+
+
+def make_student(recipe: StudentRecipe, command: str) -> Path:
+    """Run the recipe; returns ``out_dir`` holding the three ARTIFACTS."""
+    from depthkd_core.data import build_reader
+    from depthkd_core.export.onnx_export import export_onnx
+    from depthkd_core.methods.config import load_distill_config
+    from depthkd_core.methods.engine import distill
+    from depthkd_core.models import load_checkpoint
+
+    start = time.monotonic()
+    out = Path(recipe.out_dir)
+    train = simulated_set(recipe.sim_style, recipe.sim_frames, recipe.sim_seed, recipe.sim_height,
+                          recipe.sim_width, recipe.sim_workers)
+    val = simulated_set(recipe.sim_style, recipe.val_frames, recipe.val_seed, recipe.sim_height,
+                        recipe.sim_width, recipe.sim_workers)
+    overrides = [*recipe.overrides, f"teacher={recipe.teacher}", f"data.root={train}"]
+    if recipe.init_from_teacher:
+        overrides.append(f"model.pretrained={recipe.teacher}")
+    cfg = load_distill_config(recipe.distill, overrides)
+    cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
+    final = distill(cfg)
+    model, model_cfg, _ = load_checkpoint(final)
+    frames = build_reader("sim", val)
+    images = [frames[i].rgb for i in range(min(4, len(frames)))]
+    report = export_onnx(model, out / "student.onnx", recipe.export_height, recipe.export_width,
+                         check_images=images)
+    if not report.passed:
+        raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
+    copy_atomic(final, out / "student.pt")
+    figures = sim_figures(out / "student.onnx", recipe.teacher, val, recipe.val_frames,
+                          recipe.sim_height, recipe.sim_width)
+    provenance = {
+        "made_by": "depthkd make-student", "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
+        "teacher": {"file": Path(recipe.teacher).name, "path": recipe.teacher,
+                    "sha256": sha256(recipe.teacher)},
+        "method": cfg.method, "loss": cfg.loss, "steps": cfg.max_steps,
+        "student": {"model": asdict(model_cfg), "onnx_input": [recipe.export_height, recipe.export_width],
+                    "onnx_sha256": sha256(out / "student.onnx"), "parity_max_rel": report.max_rel},
+        "data": {"kind": "simulated only", "style": recipe.sim_style, "frames": recipe.sim_frames,
+                 "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
+        "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},
+        "recipe": asdict(recipe), "wall_time_s": round(time.monotonic() - start, 1),
+    }
+    with atomic_open(out / "student.json", "w") as f:
+        f.write(json.dumps(provenance, indent=1) + "\n")
+    return out
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy through a temp file + rename: a reader never sees half a model."""
+    with atomic_open(dst, "wb") as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out)
+
+
+def install(out: Path, target: Path) -> None:
+    """Copy the recipe's artifacts into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        copy_atomic(out / name, target / name)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="YAML in config/student/")
+    parser.add_argument("--install", type=Path, default=None,
+                        help="copy student.onnx/.pt/.json here (make student: depthkd_ros/models)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides, e.g. sim_frames=200 overrides=[max_steps=10]")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    recipe = load_config(StudentRecipe, args.config, args.overrides)
+    out = make_student(recipe, " ".join(["depthkd", "make-student", *sys.argv[2:]]))
+    summary = json.loads((out / "student.json").read_text())
+    print(json.dumps({"out": str(out), "held_out_sim": summary["held_out_sim"],
+                      "wall_time_s": summary["wall_time_s"]}, indent=1))
+    if args.install is not None:
+        install(out, args.install)
+        print(f"installed {', '.join(ARTIFACTS)} into {args.install}")
+    return 0
