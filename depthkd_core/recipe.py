@@ -18,7 +18,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -37,6 +36,8 @@ class StudentRecipe:
     distill: the config/distill/*.yaml run; overrides: dotted ``key=value`` on it.
     init_from_teacher: the student starts from the teacher file's weights
     (``model.pretrained`` = teacher; a FastDepth student of a FastDepth teacher).
+    train: false skips distillation: the initial student is exported as it is (with
+    init_from_teacher, the teacher at the student's resolution: the baseline).
     sim_*: the transfer set (style, frames, seed, rendered size); val_*: held-out
     simulated frames (another seed) that judge the student before it ships.
     export_height/width: the ONNX input size (the live node's model input)."""
@@ -45,6 +46,7 @@ class StudentRecipe:
     distill: str
     overrides: list[str] = field(default_factory=list)
     init_from_teacher: bool = False
+    train: bool = True
     sim_style: str = "target"
     sim_frames: int = 2000
     sim_seed: int = 1
@@ -116,7 +118,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     from depthkd_core.export.onnx_export import export_onnx
     from depthkd_core.methods.config import load_distill_config
     from depthkd_core.methods.engine import distill
-    from depthkd_core.models import load_checkpoint
+    from depthkd_core.models import build_model, load_checkpoint, save_checkpoint
 
     start = time.monotonic()
     out = Path(recipe.out_dir)
@@ -129,7 +131,10 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         overrides.append(f"model.pretrained={recipe.teacher}")
     cfg = load_distill_config(recipe.distill, overrides)
     cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
-    final = distill(cfg)
+    if recipe.train:
+        final = distill(cfg)
+    else:
+        final = save_checkpoint(out / "untrained.pt", build_model(cfg.model), cfg.model, step=0)
     model, model_cfg, _ = load_checkpoint(final)
     frames = build_reader("sim", val)
     images = [frames[i].rgb for i in range(min(4, len(frames)))]
@@ -145,7 +150,8 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "teacher": {"file": Path(recipe.teacher).name, "path": recipe.teacher,
                     "sha256": sha256(recipe.teacher)},
-        "method": cfg.method, "loss": cfg.loss, "steps": cfg.max_steps,
+        "method": cfg.method if recipe.train else None, "loss": cfg.loss,
+        "steps": cfg.max_steps if recipe.train else 0,
         "student": {"model": asdict(model_cfg), "onnx_input": [recipe.export_height, recipe.export_width],
                     "onnx_sha256": sha256(out / "student.onnx"), "parity_max_rel": report.max_rel},
         "data": {"kind": "simulated only", "style": recipe.sim_style, "frames": recipe.sim_frames,
@@ -181,7 +187,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     recipe = load_config(StudentRecipe, args.config, args.overrides)
-    out = make_student(recipe, " ".join(["depthkd", "make-student", *sys.argv[2:]]))
+    command = " ".join(["depthkd make-student --config", str(args.config), *args.overrides]
+                       + ([] if args.install is None else ["--install", str(args.install)]))
+    out = make_student(recipe, command)
     summary = json.loads((out / "student.json").read_text())
     print(json.dumps({"out": str(out), "held_out_sim": summary["held_out_sim"],
                       "wall_time_s": summary["wall_time_s"]}, indent=1))

@@ -41,10 +41,14 @@ class RealSet:
 
 @dataclass
 class RealRow:
-    """A model to judge: a file ``load_teacher`` opens (ONNX, TorchScript, checkpoint)."""
+    """A model to judge: a file ``load_teacher`` opens (ONNX, TorchScript, checkpoint);
+    ``recipe`` (config/student/*.yaml, with ``key=value`` ``overrides``) makes it when
+    asked to (``--make``)."""
 
     name: str
     model: str
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +73,11 @@ class RealBenchConfig:
             raise ValueError("bench-real needs at least one row")
         self.rows = [r if isinstance(r, RealRow) else RealRow(**r) for r in self.rows]
         self.sets = [s if isinstance(s, RealSet) else RealSet(**s) for s in self.sets]
+
+
+def _own_shape(model: Any, cfg: RealBenchConfig) -> tuple[int, int, int, int]:
+    """A model's cost is measured at its own input size (no resize in the timing)."""
+    return (1, 3, *(model.input_size or (cfg.height, cfg.width)))
 
 
 def _frames(real: RealSet, height: int, width: int) -> list[dict[str, torch.Tensor]]:
@@ -100,18 +109,34 @@ def judge(model: Any, teacher: Any, frames: list[dict[str, torch.Tensor]], min_d
     return result
 
 
+def make_missing(rows: list[RealRow]) -> None:
+    """Run the recipe of every row whose model file does not exist yet (each resumes)."""
+    from depthkd_core.recipe import StudentRecipe, make_student
+
+    for row in rows:
+        if not Path(row.model).exists() and row.recipe is not None:
+            recipe = load_config(StudentRecipe, row.recipe, row.overrides)
+            make_student(recipe, f"depthkd make-student --config {row.recipe} {' '.join(row.overrides)}")
+            if not Path(row.model).exists():
+                raise ValueError(f"row '{row.name}': its recipe made {recipe.out_dir}, not {row.model}")
+
+
 def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     """One result row per (model, frame set); writes real.json and real.md to ``out_dir``."""
     from depthkd_core.models.teachers import load_teacher
 
+    missing = [row for row in cfg.rows if not Path(row.model).exists()]
+    if missing:
+        raise FileNotFoundError(
+            "missing models: " + "; ".join(f"{r.name}: {r.model}" for r in missing)
+            + " (depthkd bench-real --make runs the rows' recipes)")
     teacher = load_teacher(cfg.teacher)
     sets = {s.name: _frames(s, cfg.height, cfg.width) for s in cfg.sets}
-    shape = (1, 3, cfg.height, cfg.width)
-    teacher_ms = model_cost(teacher, shape, cfg.latency_runs)["latency_ms"]
+    teacher_ms = model_cost(teacher, _own_shape(teacher, cfg), cfg.latency_runs)["latency_ms"]
     results = []
     for row in cfg.rows:
         model = load_teacher(row.model)
-        cost = model_cost(model, shape, cfg.latency_runs)
+        cost = model_cost(model, _own_shape(model, cfg), cfg.latency_runs)
         size = "x".join(map(str, model.input_size)) if model.input_size else "any"
         for name, frames in sets.items():
             results.append({"model": row.name, "set": name, "input": size,
@@ -144,9 +169,21 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("config/bench/real.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_real"))
+    parser.add_argument("--make", action="store_true",
+                        help="first run the recipe of every row whose model is missing")
+    parser.add_argument("--rows", default=None, help="only these rows (comma-separated names)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # latency comparable with the node's single-frame use
-    run_real_bench(load_config(RealBenchConfig, args.config), args.out)
+    cfg = load_config(RealBenchConfig, args.config)
+    if args.rows is not None:
+        wanted = [name.strip() for name in args.rows.split(",")]
+        unknown = sorted(set(wanted) - {row.name for row in cfg.rows})
+        if unknown:
+            raise ValueError(f"unknown rows {unknown}; known: {[row.name for row in cfg.rows]}")
+        cfg.rows = [row for row in cfg.rows if row.name in wanted]
+    if args.make:
+        make_missing(cfg.rows)
+    run_real_bench(cfg, args.out)
     return 0

@@ -1,0 +1,105 @@
+"""`depthkd make-student` end to end on a tiny FastDepth teacher, and `depthkd bench-real`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_FASTDEPTH, save_tiny_fastdepth_onnx, write_linear_onnx
+
+from depthkd_core.cli import main
+from depthkd_core.models import ModelConfig, build_model, load_checkpoint, load_teacher
+from depthkd_core.recipe import sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder with the project's config/ and a tiny FastDepth teacher."""
+    root = tmp_path_factory.mktemp("recipe")
+    shutil.copytree(ROOT / "config", root / "config")
+    save_tiny_fastdepth_onnx(root / "teacher.onnx", size=(64, 64))
+    widths = [f"model.{k}=[{','.join(map(str, v))}]" for k, v in TINY_FASTDEPTH.items()]
+    recipe = {"teacher": "teacher.onnx", "distill": "config/distill/fastdepth_student.yaml",
+              "overrides": [*widths, "max_steps=3", "ckpt_every=2", "log_every=1",
+                            "model.input_size=[32,32]", "data.height=64", "data.width=64",
+                            "optim.batch_size=2"],
+              "init_from_teacher": True, "sim_frames": 6, "sim_workers": 1, "sim_height": 64,
+              "sim_width": 64, "val_frames": 3, "export_height": 32, "export_width": 32,
+              "out_dir": "runs/student/tiny"}
+    (root / "tiny.yaml").write_text(json.dumps(recipe))
+    return root
+
+
+def test_make_student_end_to_end(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(workdir)
+    assert main(["make-student", "--config", "tiny.yaml", "--install", "installed"]) == 0
+    out = workdir / "runs" / "student" / "tiny"
+    provenance = json.loads((workdir / "installed" / "student.json").read_text())
+    assert provenance["teacher"]["sha256"] == sha256(workdir / "teacher.onnx")
+    assert provenance["method"] == "kd_ood" and provenance["steps"] == 3
+    assert provenance["data"] == {"kind": "simulated only", "style": "target", "frames": 6, "seed": 1,
+                                  "size": [64, 64]}
+    assert provenance["command"].startswith("depthkd make-student --config tiny.yaml")
+    assert provenance["student"]["onnx_sha256"] == sha256(workdir / "installed" / "student.onnx")
+    held_out = provenance["held_out_sim"]
+    assert held_out["frames"] == 3 and 0.0 <= held_out["agree_delta1"] <= 1.0
+    for name in ("student.onnx", "student.pt", "student.json"):
+        assert (workdir / "installed" / name).read_bytes() == (out / name).read_bytes()
+    # the ONNX runs at the export size; the checkpoint is the trained student (step 3)
+    student = load_teacher(workdir / "installed" / "student.onnx")
+    assert student.input_size == (32, 32)
+    model, cfg, extra = load_checkpoint(workdir / "installed" / "student.pt")
+    assert cfg.name == "fastdepth" and extra["step"] == 3
+    x = torch.rand(1, 3, 32, 32)
+    assert np.abs(student(x).numpy() - model.eval()(x).detach().numpy()).max() < 1e-4
+    # started from the teacher: before training, student == teacher at the teacher's size
+    untrained = workdir / "runs" / "student" / "untrained"
+    assert main(["make-student", "--config", "tiny.yaml", "train=false",
+                 f"out_dir={untrained}"]) == 0
+    initial, _, _ = load_checkpoint(untrained / "student.pt")
+    imported = build_model(ModelConfig(name="fastdepth", pretrained=str(workdir / "teacher.onnx"),
+                                       **TINY_FASTDEPTH))
+    assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(),
+                                                 imported.state_dict().values()))
+    assert not torch.equal(model.out.weight, initial.out.weight)  # training moved it
+    assert json.loads((untrained / "student.json").read_text())["steps"] == 0
+
+
+def _write_nyu_frames(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        cv2.imwrite(str(root / f"rgb_{i:05d}.png"), rng.integers(0, 255, (48, 64, 3), np.uint8))
+        depth = rng.uniform(500, 4000, (48, 64)).astype(np.uint16)
+        cv2.imwrite(str(root / f"depth_{i:05d}.png"), depth)
+    return root
+
+
+def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    frames = _write_nyu_frames(tmp_path / "frames", 2)
+    other = write_linear_onnx(tmp_path / "other.onnx", scale=3.0, offset=0.5, size=(32, 32))
+    config = {"teacher": "teacher.onnx", "height": 48, "width": 64, "latency_runs": 2,
+              "sets": [{"name": "synthetic", "reader": "nyu_png", "root": str(frames)}],
+              "rows": [{"name": "self", "model": "teacher.onnx"},
+                       {"name": "other", "model": str(other)},
+                       {"name": "missing", "model": "nothing.onnx"}]}
+    (tmp_path / "real.yaml").write_text(json.dumps(config))
+    assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o"),
+                 "--rows", "self,other"]) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "o" / "real.json").read_text())["rows"]}
+    assert rows["self"]["agree_delta1"] == 1.0 and rows["self"]["agree_abs_rel"] == 0.0
+    assert rows["other"]["agree_delta1_min"] <= rows["other"]["agree_delta1"] < 1.0
+    assert rows["other"]["input"] == "32x32" and rows["self"]["frames"] == 2
+    assert 0 < rows["other"]["gt_abs_rel"] and "latency_vs_teacher" in rows["other"]
+    assert "agree_delta1_min" in (tmp_path / "o" / "real.md").read_text()
