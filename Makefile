@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 PYTHON ?= python3
 
-.PHONY: venv test test-slow demo demo-assets bench-node clean
+.PHONY: venv test test-slow demo demo-assets student bench-real bench-node clean
 
 venv: $(STAMP)
 
@@ -27,16 +27,25 @@ test-slow: venv
 demo: venv
 	$(VENV)/bin/depthkd demo --out demo_output
 
-# Regenerates the packaged demo sequence and student end to end with the project's
-# own pipeline (about 40 minutes on 2 CPU cores): simulate -> train -> export.
+# Regenerates the demo sequence and the simulator-supervised student (the previous
+# packaged student, now a row of bench-real) end to end: simulate -> train -> export.
 demo-assets: venv
 	rm -rf depthkd_ros/demo_data
 	$(VENV)/bin/depthkd simulate --style target --n 30 --sequence --seed 8 --out depthkd_ros/demo_data --workers 1
 	$(VENV)/bin/depthkd simulate --style target --n 3000 --seed 1 --out runs/data/target_train
 	$(VENV)/bin/depthkd simulate --style target --n 200 --seed 1000 --out runs/data/target_val
 	$(VENV)/bin/depthkd train --config config/train/demo_student.yaml
-	$(VENV)/bin/depthkd export --checkpoint runs/demo_student/final.pt --out depthkd_ros/models/student.onnx --height 192 --width 256 --check-images depthkd_ros/demo_data/rgb
-	cp runs/demo_student/final.pt depthkd_ros/models/student.pt
+	$(VENV)/bin/depthkd export --checkpoint runs/demo_student/final.pt --out runs/student/sim_supervised/student.onnx --height 192 --width 256 --check-images depthkd_ros/demo_data/rgb
+
+# The packaged student (depthkd_ros/models/student.onnx/.pt/.json) from the real teacher
+# in ../shared/models/fastdepth, through simulated images only (docs/student.md; about
+# 30 minutes on 2 CPU cores, resumable: run it again after an interruption).
+student: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
+
+# The real-frame table of docs/student.md (runs the missing recipes first).
+bench-real: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/depthkd bench-real --make --out docs/bench/real
 
 bench-node: venv
 	$(VENV)/bin/depthkd bench-node

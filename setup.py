@@ -14,6 +14,7 @@ TRAINING = TORCH + [
     "onnx==1.23.2",
     "onnxscript==0.7.2",
     "kornia==0.9.0",
+    "onnx2torch==1.5.15",
 ]
 DATA = ["h5py==3.16.0", "rosbags==0.11.9"]
 HF = ["transformers==5.23.0"]

@@ -119,6 +119,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     from depthkd_core.methods.config import load_distill_config
     from depthkd_core.methods.engine import distill
     from depthkd_core.models import build_model, load_checkpoint, save_checkpoint
+    from depthkd_core.train.trainer import checkpoints
 
     start = time.monotonic()
     out = Path(recipe.out_dir)
@@ -131,6 +132,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         overrides.append(f"model.pretrained={recipe.teacher}")
     cfg = load_distill_config(recipe.distill, overrides)
     cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
+    resumed = bool(checkpoints(Path(cfg.out_dir)))
     if recipe.train:
         final = distill(cfg)
     else:
@@ -158,6 +160,8 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
                  "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
         "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},
         "recipe": asdict(recipe), "wall_time_s": round(time.monotonic() - start, 1),
+        # a resumed run's wall time leaves out the steps of earlier runs
+        "resumed": resumed,
     }
     with atomic_open(out / "student.json", "w") as f:
         f.write(json.dumps(provenance, indent=1) + "\n")

@@ -27,6 +27,8 @@ from depthkd_ros.depth_node import PACKAGED_MODEL
 from depthkd_ros.harness import Session, default_domain_id, latency_summary
 
 PACKAGED_SEQUENCE = Path(__file__).resolve().parent / "demo_data"
+# ../shared beside the checkout (developers, CI); absent on an installed package.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 MIN_DEPTH, MAX_DEPTH = 0.1, 10.0
 
 
@@ -120,8 +122,19 @@ def run_demo(out: Path, model: Path, sequence: Path, rate: float, domain_id: int
         "accuracy_vs_ground_truth": accuracy, "shown_frame": shown, "ply_points": n_points,
         "outputs": ["demo.png", "depth_colored.png", "points.ply", "summary.json"],
     }
+    summary["real_frames"] = real_frame_accuracy(model)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def real_frame_accuracy(model: Path) -> dict[str, dict[str, float]]:
+    """The model on the real RGB-D frames of ../shared (beside the checkout), against their
+    ground truth and, when FastDepth is there too, against it; {} without ../shared."""
+    from depthkd_core.bench.real import RealBenchConfig, judge_on_real_sets
+
+    teacher = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
+    return judge_on_real_sets(model, teacher if teacher.is_file() else None,
+                              RealBenchConfig.default_sets(SHARED))
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -143,6 +156,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if acc:
         print(f"  accuracy vs rendered ground truth: AbsRel {acc['abs_rel']:.3f}, "
               f"RMSE {acc['rmse']:.3f} m, delta1 {acc['delta1']:.3f}")
+    for name, real in s["real_frames"].items():
+        agree = (f"; agreement with FastDepth delta1 {real['agree_delta1']:.3f}"
+                 if "agree_delta1" in real else "")
+        print(f"  real frames ({name}, {real['frames']}): AbsRel {real['gt_abs_rel']:.3f}, "
+              f"delta1 {real['gt_delta1']:.3f} (median-aligned {real['gt_med_delta1']:.3f}){agree}")
     print(f"  wrote {out / 'demo.png'}, {out / 'points.ply'} ({s['ply_points']} points), "
           f"{out / 'summary.json'}")
     return 0

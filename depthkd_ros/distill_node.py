@@ -85,8 +85,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("min_new_keyframes", 20, "teacher-labelled keyframes new since the last round "
               "that start a round", 1, 1000000),
     ParamSpec("gate_margin", 0.02, "AbsRel the candidate must beat the live model by", 0.0, 1.0),
-    ParamSpec("export_height", 192, "ONNX export height of a deployed model", 32, 4096),
-    ParamSpec("export_width", 256, "ONNX export width of a deployed model", 32, 4096),
+    ParamSpec("export_height", 192, "ONNX export height of a deployed model (a student that "
+              "fixes its input size, like the packaged one, exports at that size)", 32, 4096),
+    ParamSpec("export_width", 256, "ONNX export width of a deployed model (see export_height)",
+              32, 4096),
     ParamSpec("round_timeout_s", 3600.0, "a fine-tuning round running longer is killed",
               1.0, 86400.0),
     ParamSpec("depth_node", "depth_node", "name of the depth node to hot-swap (relative names "

@@ -59,14 +59,17 @@ class RealBenchConfig:
 
     teacher: str
     rows: list[RealRow]
-    sets: list[RealSet] = field(default_factory=lambda: [
-        RealSet("redwood", "nyu_png", "../shared/data/redwood_sample"),
-        RealSet("tum", "tum", "../shared/data/tum_sample")])
+    sets: list[RealSet] = field(default_factory=lambda: RealBenchConfig.default_sets())
     height: int = 480
     width: int = 640
     min_depth: float = 0.1
     max_depth: float = 10.0
     latency_runs: int = 50
+
+    @staticmethod
+    def default_sets(shared: Path = Path("../shared")) -> list[RealSet]:
+        return [RealSet("redwood", "nyu_png", str(shared / "data" / "redwood_sample")),
+                RealSet("tum", "tum", str(shared / "data" / "tum_sample"))]
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -87,26 +90,45 @@ def _frames(real: RealSet, height: int, width: int) -> list[dict[str, torch.Tens
     return [dataset[i] for i in range(len(dataset))]
 
 
-def judge(model: Any, teacher: Any, frames: list[dict[str, torch.Tensor]], min_depth: float,
+def judge(model: Any, teacher: Any | None, frames: list[dict[str, torch.Tensor]], min_depth: float,
           max_depth: float) -> dict[str, float]:
     """Mean metrics of ``model`` over ``frames``: against ground truth (``gt_*``, metric;
-    ``gt_med_*``, median-aligned) and against ``teacher`` (``agree_*``, metric), plus
-    the lowest per-frame agreement delta1 (``agree_delta1_min``)."""
+    ``gt_med_*``, median-aligned) and, given a ``teacher``, against it (``agree_*``,
+    metric) with the lowest per-frame agreement delta1 (``agree_delta1_min``)."""
     rows: dict[str, list[float]] = {}
     with torch.inference_mode():
         for frame in frames:
             image = frame["image"][None]
-            pred, ref = model(image), teacher(image)
+            pred = model(image)
             gt = torch.where(frame["valid"], frame["depth"], torch.zeros_like(frame["depth"]))[None]
-            for prefix, target, align in (("gt_", gt, "none"), ("gt_med_", gt, "median"),
-                                          ("agree_", ref, "none")):
+            targets = [("gt_", gt, "none"), ("gt_med_", gt, "median")]
+            if teacher is not None:
+                targets.append(("agree_", teacher(image), "none"))
+            for prefix, target, align in targets:
                 m = compute_depth_metrics(pred, target, min_depth, max_depth, alignment=align)
                 for key in ("abs_rel", "rmse", "delta1"):
                     rows.setdefault(prefix + key, []).append(m[key])
     result = {key: float(np.mean(values)) for key, values in rows.items()}
-    result["agree_delta1_min"] = float(np.min(rows["agree_delta1"]))
+    if teacher is not None:
+        result["agree_delta1_min"] = float(np.min(rows["agree_delta1"]))
     result["frames"] = len(frames)
     return result
+
+
+def judge_on_real_sets(model_path: str | Path, teacher_path: str | Path | None = None,
+                       sets: list[RealSet] | None = None, height: int = 480, width: int = 640,
+                       min_depth: float = 0.1, max_depth: float = 10.0) -> dict[str, dict[str, float]]:
+    """``judge`` of one model file on every frame set whose folder exists (default: Redwood
+    and TUM in ../shared, relative to the working directory); {} when none does."""
+    from depthkd_core.models.teachers import load_teacher
+
+    present = [s for s in (sets or RealBenchConfig.default_sets()) if Path(s.root).is_dir()]
+    if not present:
+        return {}
+    model = load_teacher(model_path)
+    teacher = load_teacher(teacher_path) if teacher_path is not None else None
+    return {s.name: judge(model, teacher, _frames(s, height, width), min_depth, max_depth)
+            for s in present}
 
 
 def make_missing(rows: list[RealRow]) -> None:

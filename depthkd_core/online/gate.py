@@ -149,8 +149,13 @@ class ModelRegistry:
         return int(stack[-1]["version"]) if stack else None
 
     def deploy(self, candidate_ckpt: str | Path, height: int, width: int) -> Path:
-        """Export the checkpoint, require parity, publish it as the next version; DeployError if not."""
-        model, _, _ = load_checkpoint(candidate_ckpt)
+        """Export the checkpoint, require parity, publish it as the next version; DeployError if not.
+
+        A model that fixes its own run size (``ModelConfig.input_size``, e.g. a fastdepth
+        student) is exported at that size, not at ``height`` x ``width``: any other size
+        would put a resize into the graph."""
+        model, model_cfg, _ = load_checkpoint(candidate_ckpt)
+        height, width = model_cfg.input_size or (height, width)
         state = self.state()
         version = int(state["next"])
         name = f"v{version:04d}.onnx"
