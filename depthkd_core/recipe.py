@@ -14,7 +14,6 @@ real frames judge a student (``depthkd bench-real``), they never make one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from depthkd_core.atomic import atomic_open
+from depthkd_core.bench.cache import file_sha256
 from depthkd_core.config import load_config
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
@@ -65,14 +65,6 @@ class StudentRecipe:
                              f"{self.val_frames}")
         if self.val_seed == self.sim_seed:
             raise ValueError("val_seed must differ from sim_seed: held-out frames are other frames")
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def simulated_set(style: str, n: int, seed: int, height: int, width: int, workers: int,
@@ -151,11 +143,11 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         "made_by": "depthkd make-student", "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "teacher": {"file": Path(recipe.teacher).name, "path": recipe.teacher,
-                    "sha256": sha256(recipe.teacher)},
+                    "sha256": file_sha256(recipe.teacher)},
         "method": cfg.method if recipe.train else None, "loss": cfg.loss,
         "steps": cfg.max_steps if recipe.train else 0,
         "student": {"model": asdict(model_cfg), "onnx_input": [recipe.export_height, recipe.export_width],
-                    "onnx_sha256": sha256(out / "student.onnx"), "parity_max_rel": report.max_rel},
+                    "onnx_sha256": file_sha256(out / "student.onnx"), "parity_max_rel": report.max_rel},
         "data": {"kind": "simulated only", "style": recipe.sim_style, "frames": recipe.sim_frames,
                  "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
         "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},

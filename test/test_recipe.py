@@ -14,7 +14,7 @@ from helpers import TINY_FASTDEPTH, save_tiny_fastdepth_onnx, write_linear_onnx
 
 from depthkd_core.cli import main
 from depthkd_core.models import ModelConfig, build_model, load_checkpoint, load_teacher
-from depthkd_core.recipe import sha256
+from depthkd_core.bench.cache import file_sha256 as sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,13 +40,18 @@ def config_hash(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def file_hash(path: str | Path) -> str:
-    """16 hex digits of the SHA-256 of a file's bytes."""
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """16 hex digits of the SHA-256 of a file's bytes."""
+    return file_sha256(path)[:16]
 
 
 def run_hash(cfg: TrainConfig, extra: dict[str, Any] | None = None) -> str:
