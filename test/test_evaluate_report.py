@@ -153,3 +153,34 @@ def test_onnx_cost_unresolved_shapes_give_no_macs(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
     assert onnx_cost(tmp_path / "g.onnx", (1, 3, 8, 8)) == (12, None)
 
+
+
+def test_reference_is_the_ground_truth_and_needs_no_labels():
+    doubled = lambda images: 2.0 * _predict(images)  # noqa: E731
+    # against itself: perfect; the sample without depth counts too
+    same = evaluate_model(_predict, FAKE, max_depth=100.0, progress=False, reference=_predict)
+    assert same["count"] == 3 and same["abs_rel"] == 0.0 and same["delta1"] == 1.0
+    # half the reference everywhere: abs_rel 0.5, no pixel within 1.25
+    half = evaluate_model(_predict, FAKE, max_depth=100.0, progress=False, reference=doubled)
+    assert half["abs_rel"] == pytest.approx(0.5) and half["delta1"] == 0.0
+
+
+def test_cli_agreement_without_ground_truth(tmp_path):
+    import cv2
+    from helpers import write_linear_onnx
+
+    from depthkd_core.cli import main
+
+    rng = __import__("numpy").random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), rng.integers(0, 255, (32, 32, 3), "uint8"))
+    model = write_linear_onnx(tmp_path / "m.onnx", scale=0.0, offset=2.0)
+    teacher = write_linear_onnx(tmp_path / "t.onnx", scale=0.0, offset=4.0)
+    out = tmp_path / "row.json"
+    assert main(["evaluate", "--model", str(model), "--data", str(tmp_path / "images"), "--reader",
+                 "images", "--height", "32", "--width", "32", "--teacher", str(teacher),
+                 "--latency-runs", "0", "--no-progress", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert "abs_rel" not in row and row["agree_abs_rel"] == pytest.approx(0.5)
+    assert row["agree_delta1"] == 0.0

@@ -176,10 +176,13 @@ def run_cli(args: argparse.Namespace) -> int:
         alignment = "none" if teacher.is_metric else "lsq"
     crop = None if args.crop == "none" else args.crop
     inverse = bool(teacher.is_inverse)
-    metrics = evaluate_model(teacher, dataset, min_depth=args.min_depth, max_depth=args.max_depth,
-                             crop=crop, alignment=alignment, limit=args.limit,
-                             batch_size=args.batch_size, num_workers=args.workers,
-                             progress=not args.no_progress, inverse=inverse)
+    metrics: dict[str, float] = {}
+    # agreement needs no labels: with --teacher, a dataset without depth gives agreement only
+    if args.teacher is None or bool(dataset[0]["has_depth"]):
+        metrics = evaluate_model(teacher, dataset, min_depth=args.min_depth, max_depth=args.max_depth,
+                                 crop=crop, alignment=alignment, limit=args.limit,
+                                 batch_size=args.batch_size, num_workers=args.workers,
+                                 progress=not args.no_progress, inverse=inverse)
     row: dict[str, Any] = {"model": teacher.name, "data": f"{args.reader}:{Path(args.data).name}",
                            "size": f"{args.height}x{args.width}", "crop": args.crop,
                            "alignment": f"{alignment} (disparity)" if inverse else alignment,
