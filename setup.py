@@ -26,7 +26,9 @@ ROS = [
     "ros-diagnostic-msgs",
     "ros-rmw-fastrtps-cpp",
 ]
-DEV = ["pytest==9.2.0", "pytest-timeout==2.4.0"]
+# pytest 8: launch_testing (../shared/ros2_tools, or apt on a ROS install) is a pytest
+# plugin that pytest 9 refuses (PluginValidationError on every run).
+DEV = ["pytest==8.4.2", "pytest-timeout==2.4.0"]
 SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1"]
 
 setup(
