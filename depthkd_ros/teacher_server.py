@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import sys
 from pathlib import Path
 
 TOKEN_ENV = "DEPTHKD_TEACHER_TOKEN"
@@ -50,6 +51,25 @@ def read_token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
+def strip_ros_args(argv: list[str]) -> list[str]:
+    """``argv`` without its ROS arguments.
+
+    launch_ros appends ``--ros-args -r __node:=NAME`` to every Node's command line, so
+    ``teacher_server.launch.py`` hands this program arguments argparse does not know.
+    rcl's rule: each ``--ros-args`` opens a section that ``--`` or the end closes (what
+    rclpy.utilities.remove_ros_args does; this is a plain program, it needs no rclpy).
+    """
+    kept, in_ros = [], False
+    for arg in argv:
+        if arg == "--ros-args":
+            in_ros = True
+        elif in_ros and arg == "--":
+            in_ros = False
+        elif not in_ros:
+            kept.append(arg)
+    return kept
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacher_server", description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", required=True,
@@ -79,7 +99,7 @@ def _check_tls(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(strip_ros_args(sys.argv[1:] if argv is None else argv))
     try:
         token = read_token(args)
         check_bind(args.host, token)

@@ -301,6 +301,17 @@ def test_circuit_breaker_opens_and_fails_fast() -> None:
     assert not breaker.is_open and breaker.consecutive == 0
 
 
+def test_server_program_accepts_the_ros_arguments_launch_appends(tmp_path: Path) -> None:
+    """launch_ros appends ``--ros-args -r __node:=NAME``; argparse used to exit 2 on it."""
+    strip = teacher_server.strip_ros_args
+    assert strip(["--teacher", "t", "--ros-args", "-r", "__node:=teacher_server"]) == ["--teacher", "t"]
+    assert strip(["--ros-args", "-p", "a:=1", "--", "--port", "9", "--ros-args", "--log-level",
+                  "debug"]) == ["--port", "9"]
+    with pytest.raises(SystemExit, match="refusing to bind"):  # parsed past the ROS arguments
+        teacher_server.main(["--teacher", "t", "--host", "0.0.0.0", "--ros-args", "-r",
+                             "__node:=teacher_server"])
+
+
 def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> None:
     with pytest.raises(SystemExit, match="refusing to bind 0.0.0.0 without a bearer token"):
         teacher_server.main(["--teacher", str(FASTDEPTH), "--host", "0.0.0.0"])
