@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
@@ -41,10 +42,24 @@ ARGUMENTS = {
 }
 
 
+def _check_rviz() -> None:
+    """Fail before any node starts: a Node action for a missing package raises only once
+    the nodes before it are running, and launch then leaves those behind as orphans."""
+    try:
+        get_package_prefix("rviz2")
+    except PackageNotFoundError:
+        raise RuntimeError("rviz:=true needs RViz 2 (package rviz2), which is not installed: "
+                           "install it (apt: ros-$ROS_DISTRO-rviz2) or launch without "
+                           "rviz:=true; nothing was started") from None
+
+
 def _nodes(context: object) -> list:
     def value(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
+    rviz = value("rviz").lower() in ("true", "1", "yes")
+    if rviz:
+        _check_rviz()
     namespaces = [ns.strip() for ns in value("cameras").split(",") if ns.strip()]
     namespaces = namespaces or [value("camera")]
     overrides = {"input_transport": value("input_transport")}
@@ -65,7 +80,7 @@ def _nodes(context: object) -> list:
                                       "store_dir": str(Path(value("store_dir")) / ns),
                                       "input_transport": value("input_transport")}])
                     for ns in namespaces]
-    if value("rviz").lower() in ("true", "1", "yes"):
+    if rviz:
         # The RViz config uses relative topic names, resolved in this namespace.
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",
                             namespace=namespaces[0],

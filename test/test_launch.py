@@ -40,10 +40,21 @@ class _LaunchConfiguration:
         return context.launch_configurations[self.name]
 
 
-def _fake_launch_modules() -> dict[str, types.ModuleType]:
+class _PackageNotFoundError(KeyError):
+    pass
+
+
+def _fake_launch_modules(installed: frozenset[str]) -> dict[str, types.ModuleType]:
     modules = {name: types.ModuleType(name) for name in
                ("launch", "launch.actions", "launch.substitutions", "launch_ros",
-                "launch_ros.actions")}
+                "launch_ros.actions", "ament_index_python", "ament_index_python.packages")}
+
+    def get_package_prefix(package: str) -> str:
+        if package not in installed:
+            raise _PackageNotFoundError(package)
+        return f"/opt/ros/test/{package}"
+    modules["ament_index_python.packages"].PackageNotFoundError = _PackageNotFoundError
+    modules["ament_index_python.packages"].get_package_prefix = get_package_prefix
     modules["launch"].LaunchDescription = _Recorder
     modules["launch.actions"].DeclareLaunchArgument = type("DeclareLaunchArgument",
                                                            (_Recorder,), {})
@@ -60,9 +71,11 @@ def _load_launch_file(name: str) -> types.ModuleType:
     return module
 
 
-def _run_fake(monkeypatch: pytest.MonkeyPatch, **overrides: str) -> list[_Recorder]:
-    """generate_launch_description() with recording stand-ins -> the actions it launches."""
-    for name, module in _fake_launch_modules().items():
+def _run_fake(monkeypatch: pytest.MonkeyPatch, installed: frozenset[str] = frozenset({"rviz2"}),
+              **overrides: str) -> list[_Recorder]:
+    """generate_launch_description() with recording stand-ins -> the actions it launches;
+    ``installed`` names the packages the stand-in ament index finds."""
+    for name, module in _fake_launch_modules(installed).items():
         monkeypatch.setitem(sys.modules, name, module)
     description = _load_launch_file("depth_launch_fake").generate_launch_description()
     entities = description.args[0]
@@ -110,6 +123,8 @@ def test_several_cameras_with_model_transport_and_rviz(monkeypatch: pytest.Monke
     (rviz,) = [a.kwargs for a in actions if a.kwargs["executable"] == "rviz2"]
     assert rviz["package"] == "rviz2" and rviz["namespace"] == "front"
     assert rviz["arguments"][0] == "-d" and Path(rviz["arguments"][1]).resolve() == RVIZ
+    with pytest.raises(RuntimeError, match="needs RViz 2 .*nothing was started"):
+        _run_fake(monkeypatch, installed=frozenset(), cameras="front", rviz="true")
 
 
 def test_launch_for_real_where_launch_ros_exists() -> None:
