@@ -133,11 +133,17 @@ class Pipeline:
 
 
 class FrameStats:
-    """Thread-safe counters; ``window`` is reset by each diagnostics message."""
+    """Thread-safe counters; ``window`` is reset by each diagnostics message.
+
+    Every received frame ends in exactly one of the other totals once the worker is idle:
+    ``processed`` (published), ``dropped`` (replaced by a newer frame before the worker
+    took it), ``skipped`` (a bad frame) or ``unwanted`` (nobody subscribed to any output,
+    so no inference ran); received = processed + dropped + skipped + unwanted.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0}
+        self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0, "unwanted": 0}
         self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
         self.last_error = ""
         self._reset_window()
@@ -280,7 +286,8 @@ class DepthNode(SetupNode):
         pipeline = self._pipeline  # read once: a hot-swap applies from the next frame
         wanted = self._wanted(pipeline)
         if not wanted:
-            return  # nobody listens: skip inference entirely
+            self.stats.add("unwanted")  # nobody listens: skip inference entirely
+            return
         try:
             if info is None:
                 raise ValueError("no camera_info received yet")
@@ -325,6 +332,7 @@ class DepthNode(SetupNode):
             "total_ms": window["total_ms"] / max(frames, 1),
             "dropped_frames": totals["dropped"], "skipped_frames": totals["skipped"],
             "processed_frames": totals["processed"], "received_frames": totals["received"],
+            "unwanted_frames": totals["unwanted"],
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

@@ -359,6 +359,45 @@ def _tum_rgb() -> np.ndarray:
     return _frame(6)
 
 
+def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
+    """received = processed + dropped + skipped + unwanted: frames taken while no output
+    has a subscriber were in no counter before (issue 11)."""
+    ramp = ros["models"] / "ramp.onnx"
+    node = DepthNode(context=ros["context"], namespace="quiet", parameter_overrides=[
+        Parameter("model_path", value=str(ramp)), Parameter("model_input_height", value=H),
+        Parameter("model_input_width", value=W)])
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ())
+    try:
+        wait_until(lambda: h.image.get_subscription_count(), what="/quiet discovery")
+        h.set_camera_info(_info(K))
+
+        def settled(received: int) -> dict[str, Any] | None:
+            t = node.stats.snapshot()
+            parts = t["processed"] + t["dropped"] + t["skipped"] + t["unwanted"]
+            return t if t["received"] == received == parts else None
+
+        for seed in range(4):  # nobody subscribes to any output
+            h.send(rgb_to_image(_frame(seed)))
+        before = wait_until(lambda: settled(4), what="4 unwanted frames counted")
+        assert before["processed"] == before["skipped"] == 0 and before["unwanted"] >= 1
+        h.subscribe("depth", Image)
+        wait_until(lambda: node._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+                   what="depth subscriber")
+        h.wait("depth", h.send(rgb_to_image(_frame(9))))
+        bad = rgb_to_image(_frame(10))
+        bad.encoding = "theora"
+        h.send(bad)
+        after = wait_until(lambda: settled(6), what="6 frames counted")
+        assert after["processed"] >= 1 and after["skipped"] == 1
+        assert after["unwanted"] == before["unwanted"]
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+
+
 @needs_fastdepth
 def test_hot_swap_under_a_stream(ros: Any) -> None:
     node: DepthNode = ros["nodes"]["fast"]
