@@ -7,6 +7,7 @@ against their choices, so a bad value stops the node with a message naming it.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,6 +101,10 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # Ctrl-C in a terminal reaches a launched node twice: from the terminal (the
+        # whole process group) and forwarded by ros2 launch. The second one must not
+        # break the cleanup the first started (a KeyboardInterrupt traceback, exit -2).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
