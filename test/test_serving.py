@@ -7,6 +7,7 @@ import importlib.util
 import json
 import re
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -333,14 +334,17 @@ def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> Non
 
 
 def test_server_program_serves(tmp_path: Path) -> None:
-    """The console-script entry point really serves, on loopback, with a token."""
+    """The console-script entry point really serves, on loopback, with a token, and stops
+    quietly on Ctrl-C as ros2 launch delivers it: twice (uvicorn took the second one as
+    "force exit" and cancelled its own shutdown, with a traceback)."""
     if not FASTDEPTH.is_file():
         pytest.skip(f"missing {FASTDEPTH}")
     (tmp_path / "token").write_text(TOKEN)
     port = _closed_port()
     proc = subprocess.Popen([sys.executable, "-m", "depthkd_ros.teacher_server",
                              "--teacher", str(FASTDEPTH), "--model-name", "fd", "--port", str(port),
-                             "--token-file", str(tmp_path / "token"), "--log-level", "warning"], cwd=REPO)
+                             "--token-file", str(tmp_path / "token"), "--log-level", "warning"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
     try:
         client = TeacherClient(f"http://127.0.0.1:{port}", "fd", token=TOKEN, retries=0)
         deadline = time.monotonic() + 45
@@ -349,9 +353,14 @@ def test_server_program_serves(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert client.infer(np.full((1, 3, 32, 32), 0.5, np.float32)).shape == (1, 1, 32, 32)
         client.close()
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in err, err
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
 
 
 class _Recorder:
