@@ -88,7 +88,7 @@ def test_end_to_end_collect_label_finetune_gate_hot_swap(tmp_path: Path) -> None
     """Weak student live; frames from an unseen domain; the distill node labels, fine-tunes
     in a separate process, gates and hot-swaps; the live output then agrees with the teacher
     by a margin. A restart resumes without deploying the same round twice."""
-    from depthkd_core.online.gate import ModelRegistry
+    from depthkd_core.online.registry import ModelRegistry
 
     ckpt, live = weak_student(tmp_path)
     config = tmp_path / "round.yaml"
@@ -180,7 +180,7 @@ def test_sigkill_right_after_a_deploy_never_deploys_that_round_again(
         ros: Ros, teacher_url: str, tmp_path: Path) -> None:
     import signal
 
-    from depthkd_core.online.gate import ModelRegistry
+    from depthkd_core.online.registry import ModelRegistry
 
     ckpt, live = weak_student(tmp_path)
     config = tmp_path / "round.yaml"

@@ -70,7 +70,8 @@ def test_distill_node_starts_without_the_training_stack() -> None:
     # httpx is the one extra it needs to start (the teacher client); the training stack
     # is imported by the fine-tuning process and the gate, on demand.
     blocked = tuple(m for m in HEAVY if m != "httpx")
-    loaded = _loaded(["depthkd_ros.distill_node"], blocked)
+    # The registry is held from start-up: a torch import there delayed Ctrl-C past 5 s.
+    loaded = _loaded(["depthkd_ros.distill_node", "depthkd_core.online.registry"], blocked)
     assert "depthkd_core.data.simulator" not in loaded
 
 
