@@ -100,6 +100,12 @@ def spin(make_node: Callable[[], Node], args: list[str] | None = None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # Ctrl-C can land inside rclpy's C++ -> Python conversion of a message, which
+        # reports the KeyboardInterrupt as a RuntimeError; once rclpy's SIGINT handler
+        # has shut the context down that is the shutdown, not a failure.
+        if rclpy.ok():
+            raise
     finally:
         # Ctrl-C in a terminal reaches a launched node twice: from the terminal (the
         # whole process group) and forwarded by ros2 launch. The second one must not

@@ -521,6 +521,37 @@ def test_main_starts_stops_and_fails_clearly(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "parameter providers must be one of" in out
 
 
+_SPIN_RAISING = """
+import sys, rclpy
+from rclpy.node import Node
+from depthkd_ros.node_params import spin
+
+class Failing(Node):
+    def __init__(self):
+        super().__init__("failing")
+        self.create_timer(0.01, self.tick)
+
+    def tick(self):
+        if sys.argv[1] == "after_shutdown":
+            rclpy.try_shutdown()  # what rclpy's SIGINT handler does first
+        raise RuntimeError("Unable to convert call argument '0' to Python object")
+
+spin(Failing)
+"""
+
+
+@pytest.mark.parametrize("case, code", [("after_shutdown", 0), ("running", 1)])
+def test_spin_ends_quietly_only_for_errors_after_shutdown(case: str, code: int) -> None:
+    """Ctrl-C landing in rclpy's message conversion surfaces as a RuntimeError (seen under
+    ros2 launch): after the shutdown it is the shutdown; before it, a real failure."""
+    done = subprocess.run([sys.executable, "-c", _SPIN_RAISING, case], cwd=REPO, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "ROS_DOMAIN_ID": str(DOMAIN_ID + 1)},
+                          capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    assert ("RuntimeError" in done.stderr) == bool(code), done.stderr
+
+
 def test_live_path_never_imports_torch() -> None:
     code = ("import sys, depthkd_ros.depth_node; "
             "assert 'torch' not in sys.modules, 'torch imported'")
