@@ -284,11 +284,11 @@ class DepthNode(SetupNode):
                  sparse: Image | None) -> None:
         start = time.perf_counter()
         pipeline = self._pipeline  # read once: a hot-swap applies from the next frame
-        wanted = self._wanted(pipeline)
-        if not wanted:
-            self.stats.add("unwanted")  # nobody listens: skip inference entirely
-            return
         try:
+            wanted = self._wanted(pipeline)
+            if not wanted:
+                self.stats.add("unwanted")  # nobody listens: skip inference entirely
+                return
             if info is None:
                 raise ValueError("no camera_info received yet")
             rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
@@ -297,6 +297,8 @@ class DepthNode(SetupNode):
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.
         except Exception as exc:  # noqa: BLE001
+            if not self.context.ok():
+                return  # Ctrl-C shut the context down mid-frame: every rcl call fails now
             self.stats.add("skipped", str(exc))
             self.get_logger().warning(f"skipped frame: {exc}",
                                       throttle_duration_sec=WARN_THROTTLE_SEC)

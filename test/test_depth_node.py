@@ -470,6 +470,22 @@ def test_newest_frame_only_drops_and_counts(ros: Any) -> None:
     assert after["published"]["points"] == 0  # nobody subscribed to points: no cloud built
 
 
+def test_a_frame_in_flight_at_shutdown_ends_quietly(ros: Any) -> None:
+    """Ctrl-C shuts the context down before destroy_node stops the worker: a frame taken
+    just then met an invalid context (RCLError traceback from the worker thread)."""
+    context = Context()
+    rclpy.init(context=context, domain_id=DOMAIN_ID)
+    node = DepthNode(context=context, namespace="closing", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
+    try:
+        rclpy.shutdown(context=context)
+        node._process(rgb_to_image(_frame()), _info(K), None)  # noqa: SLF001 - the worker's step
+        totals = node.stats.snapshot()
+        assert totals["skipped"] == totals["processed"] == totals["unwanted"] == 0
+    finally:
+        node.destroy_node()
+
+
 def test_startup_validation(ros: Any) -> None:
     ctx = ros["context"]
     ramp = str(ros["models"] / "ramp.onnx")
