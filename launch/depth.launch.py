@@ -20,6 +20,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 PACKAGE = "depthkd_ros"
+DISTILL_SIGTERM_TIMEOUT_S = "30"
 # Installed, this file is share/depthkd_ros/launch/depth.launch.py and the configs
 # are in share/depthkd_ros/config; the source tree has the same layout, so the
 # launch file also runs from a checkout.
@@ -73,8 +74,11 @@ def _nodes(context: object) -> list:
                     output="screen")
                for ns in namespaces]
     if value("distill").lower() in ("true", "1", "yes"):
+        # Once a round ran, distill_node holds torch: its exit on Ctrl-C (threads joined, torch
+        # torn down) can take longer than launch's default 5 s before SIGTERM.
         actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
                          namespace=ns, remappings=remappings, output="screen",
+                         sigterm_timeout=DISTILL_SIGTERM_TIMEOUT_S,
                          parameters=[{"teacher_url": value("teacher_url"),
                                       "token_file": value("token_file"),
                                       "store_dir": str(Path(value("store_dir")) / ns),
