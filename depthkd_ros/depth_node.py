@@ -43,8 +43,11 @@ from depthkd_ros.conversions import (
     rgb_to_image,
 )
 from depthkd_ros.node_params import (
+    AUTO_QOS_PERIOD_SEC,
+    INPUT_RELIABILITY,
     RELIABILITY,
     WARN_THROTTLE_SEC,
+    InputSubscription,
     ParamSpec,
     SetupNode,
     check_choices,
@@ -76,9 +79,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               dynamic=True),
     ParamSpec("publish_colored", True, "publish depth/colored (bgr8 preview)", dynamic=True),
     ParamSpec("cloud_rgb", True, "add the rgb field to points", dynamic=True),
-    ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions "
-              "(best_effort accepts reliable and best-effort publishers)",
-              choices=tuple(RELIABILITY)),
+    ParamSpec("input_reliability", "auto", "QoS reliability of the subscriptions: auto "
+              "matches the publishers (reliable when all of them are, else best_effort), "
+              "re-checked every second; best_effort accepts either kind of publisher",
+              choices=INPUT_RELIABILITY),
     ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
     ParamSpec("output_reliability", "reliable", "QoS reliability of the outputs (reliable "
               "serves reliable and best-effort subscribers such as RViz)",
@@ -212,21 +216,29 @@ class DepthNode(SetupNode):
                         values["cloud_rgb"], str(resolve_model_path(values["model_path"])))
 
     def _make_topics(self, values: dict[str, Any]) -> None:
-        qos_in = qos(values["input_reliability"], values["input_depth"])
+        def subscribe(kind: type, topic: str, callback: Any) -> InputSubscription:
+            return InputSubscription(self, kind, topic, callback, values["input_reliability"],
+                                     values["input_depth"])
+
         qos_out = qos(values["output_reliability"], values["output_depth"])
-        if values["input_transport"] == "raw":
-            self.create_subscription(Image, "image", self._on_image, qos_in)
-        else:
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos_in)
+        self._inputs = [subscribe(Image, "image", self._on_image)
+                        if values["input_transport"] == "raw" else
+                        subscribe(CompressedImage, "image/compressed", self._on_image),
+                        subscribe(CameraInfo, "camera_info", self._on_camera_info)]
         if values["alignment"] in SPARSE_ALIGNMENTS:
-            self.create_subscription(Image, "sparse_depth", self._on_sparse, qos_in)
+            self._inputs.append(subscribe(Image, "sparse_depth", self._on_sparse))
+        if values["input_reliability"] == "auto":
+            self.create_timer(AUTO_QOS_PERIOD_SEC, self._match_inputs)
         self._pubs = {"depth": self.create_publisher(Image, "depth", qos_out),
                       "camera_info": self.create_publisher(CameraInfo, "depth/camera_info",
                                                            qos_out),
                       "colored": self.create_publisher(Image, "depth/colored", qos_out),
                       "points": self.create_publisher(PointCloud2, "points", qos_out)}
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+    def _match_inputs(self) -> None:
+        for subscription in self._inputs:
+            subscription.match()
 
     # -- callbacks: store the newest message only ------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -334,7 +346,7 @@ class DepthNode(SetupNode):
             "total_ms": window["total_ms"] / max(frames, 1),
             "dropped_frames": totals["dropped"], "skipped_frames": totals["skipped"],
             "processed_frames": totals["processed"], "received_frames": totals["received"],
-            "unwanted_frames": totals["unwanted"],
+            "unwanted_frames": totals["unwanted"], "input_reliability": self._inputs[0].reliability,
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

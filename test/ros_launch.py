@@ -116,7 +116,8 @@ class Workspace:
                   f"|| {{ cat build.log >&2; exit 1; }}; source install/setup.bash && env -0")
         done = subprocess.run(["bash", "-c", script], capture_output=True, timeout=600)
         assert done.returncode == 0, f"colcon build failed:\n{done.stderr.decode()[-3000:]}"
-        self.env = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
+        self.env = dict(item.split("=", 1) for item in done.stdout.decode().split("\0")
+                        if "=" in item)
         self.env.update(ROS_DOMAIN_ID=str(domain_id), PYTHONUNBUFFERED="1",
                         ROS_LOG_DIR=str(root / "ros_log"))
         self.root = root

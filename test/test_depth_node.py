@@ -39,6 +39,7 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      image_to_rgb, numpy_to_image,
                                      pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_ros.node_params import matching_reliability  # noqa: E402
 from helpers import FASTDEPTH, TUM, wait_until, write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 47  # unique per test module so parallel runs never cross
@@ -164,6 +165,10 @@ def ros(tmp_path_factory: pytest.TempPathFactory) -> Any:
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     for name, h in harness.items():
+        # input_reliability auto: the harness publishes reliable, so the inputs switch once.
+        wait_until(lambda n=nodes[name]: all(i.reliability == "reliable"
+                                             for i in n._inputs),  # noqa: SLF001
+                   what=f"{name} inputs to match the reliable publishers")
         wait_until(lambda h=h: (h.image.get_subscription_count()
                                 + h.compressed.get_subscription_count())
                    and h.info.get_subscription_count(), what=f"{name} discovery")
@@ -396,6 +401,45 @@ def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
         ros["executor"].remove_node(node)
         h.node.destroy_node()
         node.destroy_node()
+
+
+def test_matching_reliability_is_rosbag2s_rule() -> None:
+    assert matching_reliability([]) == "best_effort"  # matches whichever publisher comes
+    assert matching_reliability(["reliable", "reliable"]) == "reliable"
+    assert matching_reliability(["reliable", "best_effort"]) == "best_effort"
+
+
+def test_input_reliability_auto_follows_the_publishers(ros: Any) -> None:
+    """auto (the default): reliable for reliable publishers (a best-effort reader loses
+    fragmented frames from them), best effort as soon as one publisher is, frames flowing."""
+    node = DepthNode(context=ros["context"], namespace="auto", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+        Parameter("model_input_height", value=H), Parameter("model_input_width", value=W)])
+    image = node._inputs[0]  # noqa: SLF001
+    assert node.get_parameter("input_reliability").value == "auto"
+    assert image.reliability == "best_effort"  # no publisher yet
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth",))  # reliable publishers
+    lossy = rclpy.create_node("lossy_camera", namespace="auto", context=ros["context"])
+    try:
+        wait_until(lambda: image.reliability == "reliable", what="a reliable image input")
+        wait_until(lambda: h.image.get_subscription_count(), what="the reliable input to match")
+        h.set_camera_info(_info(K))
+        h.wait("depth", h.send(rgb_to_image(_frame(1))))
+        lossy.create_publisher(Image, "image", QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        wait_until(lambda: image.reliability == "best_effort", what="a best-effort image input")
+        wait_until(lambda: h.image.get_subscription_count(), what="the best-effort input to match")
+        h.wait("depth", h.send(rgb_to_image(_frame(2))))  # the reliable publisher still reaches it
+        lossy.destroy_node()
+        wait_until(lambda: image.reliability == "reliable", what="reliable again")
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+        if lossy.handle is not None:
+            lossy.destroy_node()
 
 
 @needs_fastdepth

@@ -147,7 +147,7 @@ def test_yaml_reaches_a_namespaced_node_through_rcl(tmp_path: Path) -> None:
                          cli_args=["--ros-args", "--params-file", str(params_file)],
                          parameter_overrides=[Parameter("model_path", value=str(model))])
         assert node.get_parameter("max_depth").value == 7.5
-        assert node.get_parameter("input_reliability").value == "best_effort"
+        assert node.get_parameter("input_reliability").value == "auto"
         node.destroy_node()
     finally:
         rclpy.shutdown(context=context)

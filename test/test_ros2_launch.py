@@ -249,7 +249,8 @@ def test_distill_true_labels_keyframes_with_the_launched_teacher(
     with _teacher_server(workspace, port, tmp_path / "teacher.log") as teacher, \
             workspace.launch("depth.launch.py", "camera:=cam", "distill:=true",
                              f"teacher_url:=http://127.0.0.1:{port}",
-                             f"store_dir:={tmp_path / 'store'}", log=tmp_path / "launch.log") as launch:
+                             f"store_dir:={tmp_path / 'store'}",
+                             log=tmp_path / "launch.log") as launch:
         player = rcl.player("cam")
         listener = rcl.node.create_subscription(String, "/cam/distill/status",
                                                 lambda m: statuses.append(json.loads(m.data)), 10)
