@@ -32,6 +32,7 @@ from depthkd_core.inference import (
     EstimatorConfig,
     build_point_cloud,
 )
+from depthkd_core.stamps import RecentByStamp
 from depthkd_ros.conversions import (
     camera_info_to_intrinsics,
     compressed_to_rgb,
@@ -41,6 +42,7 @@ from depthkd_ros.conversions import (
     intrinsics_to_camera_info,
     points_to_pointcloud2,
     rgb_to_image,
+    stamp_ns,
 )
 from depthkd_ros.node_params import (
     AUTO_QOS_PERIOD_SEC,
@@ -57,6 +59,9 @@ from depthkd_ros.node_params import (
 )
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
+# camera_info_sync stamp: a frame's camera_info may arrive just after the frame (two topics);
+# the worker waits this long for it before skipping the frame.
+CAMERA_INFO_WAIT_SEC = 0.1
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "ONNX depth model; empty = the packaged student "
               "(depthkd_ros/models/student.onnx). Setting it at run time hot-swaps the model",
@@ -84,6 +89,12 @@ PARAMS: tuple[ParamSpec, ...] = (
               "re-checked every second; best_effort accepts either kind of publisher",
               choices=INPUT_RELIABILITY),
     ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
+    ParamSpec("camera_info_sync", "stamp", "pair each image with the camera_info of its stamp "
+              "(stamp; the frame is skipped when none is within camera_info_tolerance) or with "
+              "the newest one (latest: drivers whose camera_info stamps are unreliable)",
+              choices=("stamp", "latest")),
+    ParamSpec("camera_info_tolerance", 0.005, "largest stamp difference (s) between an image "
+              "and its camera_info for camera_info_sync stamp", 0.0, 1.0),
     ParamSpec("output_reliability", "reliable", "QoS reliability of the outputs (reliable "
               "serves reliable and best-effort subscribers such as RViz)",
               choices=tuple(RELIABILITY)),
@@ -125,6 +136,14 @@ def load_estimator(values: dict[str, Any]) -> DepthEstimator:
     return estimator
 
 
+class CameraInfoMismatch(ValueError):
+    """No camera_info pairs with the frame (``kind`` unpaired) or its frame_id differs."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """Everything one frame needs; replaced as a whole so a frame never sees half a change."""
@@ -148,6 +167,8 @@ class FrameStats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0, "unwanted": 0}
+        # Why camera_info pairing skipped frames (part of ``skipped``).
+        self.camera_info = {"unpaired": 0, "frame_id": 0}
         self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
         self.last_error = ""
         self._reset_window()
@@ -156,10 +177,12 @@ class FrameStats:
         self.window_start = time.monotonic()
         self.window = {"frames": 0, "inference_ms": 0.0, "total_ms": 0.0}
 
-    def add(self, key: str, reason: str = "") -> None:
+    def add(self, key: str, reason: str = "", camera_info: str = "") -> None:
         with self.lock:
             self.totals[key] += 1
             self.last_error = reason or self.last_error
+            if camera_info:
+                self.camera_info[camera_info] += 1
 
     def frame_done(self, inference_ms: float, total_ms: float, published: list[str]) -> None:
         with self.lock:
@@ -179,7 +202,7 @@ class FrameStats:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {**self.totals, "published": dict(self.published),
-                    "last_error": self.last_error}
+                    "camera_info": dict(self.camera_info), "last_error": self.last_error}
 
 
 class DepthNode(SetupNode):
@@ -196,7 +219,10 @@ class DepthNode(SetupNode):
         self.stats = FrameStats()
         self._lock = threading.Lock()
         self._pending: Image | CompressedImage | None = None
-        self._camera_info: CameraInfo | None = None
+        self._infos: RecentByStamp[CameraInfo] = RecentByStamp()
+        self._info_arrived = threading.Condition(self._lock)
+        self._info_sync = values["camera_info_sync"]
+        self._info_tolerance_ns = int(values["camera_info_tolerance"] * 1e9)
         self._sparse: Image | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -252,7 +278,8 @@ class DepthNode(SetupNode):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         with self._lock:
-            self._camera_info = msg
+            self._infos.add(stamp_ns(msg.header), msg)
+            self._info_arrived.notify_all()
 
     def _on_sparse(self, msg: Image) -> None:
         with self._lock:
@@ -283,17 +310,41 @@ class DepthNode(SetupNode):
                 continue
             with self._lock:
                 msg, self._pending = self._pending, None
-                info, sparse = self._camera_info, self._sparse
+                sparse = self._sparse
                 self._wake.clear()
             if msg is not None:
-                self._process(msg, info, sparse)
+                self._process(msg, sparse)
+
+    def _paired_info(self, msg: Image | CompressedImage) -> CameraInfo:
+        """This frame's camera_info (``camera_info_sync``); ValueError skips the frame."""
+        with self._lock:
+            if self._info_sync == "latest":
+                info = self._infos.latest()
+            else:
+                stamp = stamp_ns(msg.header)
+                info = self._infos.nearest(stamp, self._info_tolerance_ns)
+                if info is None:
+                    self._info_arrived.wait_for(
+                        lambda: self._infos.nearest(stamp, self._info_tolerance_ns) is not None,
+                        timeout=CAMERA_INFO_WAIT_SEC)
+                    info = self._infos.nearest(stamp, self._info_tolerance_ns)
+        if info is None:
+            raise CameraInfoMismatch("unpaired", "no camera_info received yet"
+                                     if self._infos.latest() is None else
+                                     f"no camera_info within {self._info_tolerance_ns / 1e9:g} s "
+                                     "of the image stamp (camera_info_sync latest pairs with the "
+                                     "newest one)")
+        if info.header.frame_id and msg.header.frame_id and (
+                info.header.frame_id != msg.header.frame_id):
+            raise CameraInfoMismatch("frame_id", f"camera_info frame_id {info.header.frame_id!r} "
+                                     f"is not the image's {msg.header.frame_id!r}")
+        return info
 
     def _wanted(self, pipeline: Pipeline) -> list[str]:
         wanted = [name for name, pub in self._pubs.items() if pub.get_subscription_count() > 0]
         return [n for n in wanted if n != "colored" or pipeline.colored]
 
-    def _process(self, msg: Image | CompressedImage, info: CameraInfo | None,
-                 sparse: Image | None) -> None:
+    def _process(self, msg: Image | CompressedImage, sparse: Image | None) -> None:
         start = time.perf_counter()
         pipeline = self._pipeline  # read once: a hot-swap applies from the next frame
         try:
@@ -301,8 +352,7 @@ class DepthNode(SetupNode):
             if not wanted:
                 self.stats.add("unwanted")  # nobody listens: skip inference entirely
                 return
-            if info is None:
-                raise ValueError("no camera_info received yet")
+            info = self._paired_info(msg)
             rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
             sparse_m = depth_image_to_numpy(sparse) if sparse is not None else None
             result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
@@ -311,7 +361,8 @@ class DepthNode(SetupNode):
         except Exception as exc:  # noqa: BLE001
             if not self.context.ok():
                 return  # Ctrl-C shut the context down mid-frame: every rcl call fails now
-            self.stats.add("skipped", str(exc))
+            self.stats.add("skipped", str(exc),
+                           exc.kind if isinstance(exc, CameraInfoMismatch) else "")
             self.get_logger().warning(f"skipped frame: {exc}",
                                       throttle_duration_sec=WARN_THROTTLE_SEC)
             return
@@ -347,6 +398,8 @@ class DepthNode(SetupNode):
             "dropped_frames": totals["dropped"], "skipped_frames": totals["skipped"],
             "processed_frames": totals["processed"], "received_frames": totals["received"],
             "unwanted_frames": totals["unwanted"], "input_reliability": self._inputs[0].reliability,
+            "camera_info_unpaired": totals["camera_info"]["unpaired"],
+            "camera_info_frame_id_mismatch": totals["camera_info"]["frame_id"],
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

@@ -29,14 +29,11 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depthkd_core.geometry import Intrinsics
-from depthkd_ros.conversions import intrinsics_to_camera_info, rgb_to_compressed, rgb_to_image
+from depthkd_ros.conversions import (intrinsics_to_camera_info, rgb_to_compressed, rgb_to_image,
+                                     stamp_ns)
 
 OUTPUT_TOPICS = {"depth": Image, "depth/camera_info": CameraInfo,
                  "depth/colored": Image, "points": PointCloud2}
-
-
-def stamp_ns(header: Any) -> int:
-    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
 def cdr_stamp_ns(serialized: bytes) -> int:

@@ -7,6 +7,7 @@ real FastDepth model for hot-swap and drop tests.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import signal
@@ -37,7 +38,8 @@ from depthkd_core.geometry import Intrinsics, colorize_depth  # noqa: E402
 from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,  # noqa: E402
                                      compressed_to_rgb, depth_image_to_numpy, image_to_numpy,
                                      image_to_rgb, numpy_to_image,
-                                     pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
+                                     pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image,
+                                     stamp_ns)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 from depthkd_ros.node_params import matching_reliability  # noqa: E402
 from helpers import FASTDEPTH, TUM, wait_until, write_linear_onnx  # noqa: E402
@@ -65,6 +67,7 @@ class Harness:
         self.image = self.node.create_publisher(Image, "image", QOS)
         self.compressed = self.node.create_publisher(CompressedImage, "image/compressed", QOS)
         self.info = self.node.create_publisher(CameraInfo, "camera_info", QOS)
+        self.camera_info: CameraInfo | None = None
         self.cond = threading.Condition()
         self.msgs: dict[str, list] = defaultdict(list)
         kinds = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
@@ -81,16 +84,28 @@ class Harness:
             self.msgs[topic].append(msg)
             self.cond.notify_all()
 
-    def set_camera_info(self, info: CameraInfo) -> None:
-        """Publish camera_info until the node holds exactly this one."""
+    def set_camera_info(self, info: CameraInfo | None) -> None:
+        """Send every following frame with this camera_info (None: without any), stamped
+        like the frame as a driver does; published now until the node holds it."""
+        self.camera_info = info
+        if info is None:
+            return
+
         def held() -> bool:
             self.info.publish(info)
-            return self.depth_node._camera_info == info  # noqa: SLF001 - test hook
+            return self.depth_node._infos.latest() == info  # noqa: SLF001 - test hook
         wait_until(held, what="camera_info to arrive")
 
-    def send(self, msg: Image | CompressedImage) -> tuple[int, int]:
+    def send(self, msg: Image | CompressedImage, info_stamp_offset_ns: int = 0) -> tuple[int, int]:
+        """Publish the camera_info (stamp offset by ``info_stamp_offset_ns``), then the frame."""
         msg.header.frame_id = "camera_optical_frame"
         msg.header.stamp.sec, msg.header.stamp.nanosec = 1000 + next(_stamps), 4242
+        if self.camera_info is not None:
+            info = copy.deepcopy(self.camera_info)
+            info.header.frame_id = msg.header.frame_id
+            info.header.stamp.sec, info.header.stamp.nanosec = divmod(
+                stamp_ns(msg.header) + info_stamp_offset_ns, 1_000_000_000)
+            self.info.publish(info)
         (self.image if isinstance(msg, Image) else self.compressed).publish(msg)
         return msg.header.stamp.sec, msg.header.stamp.nanosec
 
@@ -107,6 +122,19 @@ class Harness:
                 raise AssertionError(f"no {topic} for stamp {stamp} within {timeout} s; "
                                      f"node stats {self.depth_node.stats.snapshot()}")
             return find()
+
+
+def _send_until_back(h: Harness, topic: str, send: Callable[[], tuple[int, int]]) -> Any:
+    """Send frames until one comes back on ``topic``: right after a subscription is
+    (re)created the first frames can precede discovery. One frame per poll."""
+    stamps: list[tuple[int, int]] = []
+
+    def back() -> Any:
+        stamps.append(send())
+        with h.cond:
+            return next((m for m in h.msgs[topic]
+                         if (m.header.stamp.sec, m.header.stamp.nanosec) in stamps), None)
+    return wait_until(back, interval=0.2, what=f"a frame back on {topic}")
 
 
 def _info(K: Intrinsics) -> CameraInfo:
@@ -403,6 +431,66 @@ def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
         node.destroy_node()
 
 
+def test_camera_info_pairs_with_its_frame_by_stamp(ros: Any) -> None:
+    """Each image gets the camera_info of its stamp (not the newest one), within
+    camera_info_tolerance and with the same frame_id; otherwise it is skipped and counted."""
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    wide = Intrinsics(fx=2 * K.fx, fy=2 * K.fy, cx=K.cx, cy=K.cy, width=W, height=H)
+
+    def frame_with_infos(*infos: tuple[Intrinsics, int, str]) -> tuple[int, int]:
+        """Publish camera_infos (intrinsics, stamp offset ns, frame_id), then the image."""
+        image = rgb_to_image(_frame(6))
+        image.header.frame_id = "camera_optical_frame"
+        image.header.stamp.sec, image.header.stamp.nanosec = 1000 + next(_stamps), 4242
+        for intrinsics, offset, frame_id in infos:
+            info = _info(intrinsics)
+            info.header.frame_id = frame_id
+            info.header.stamp.sec, info.header.stamp.nanosec = divmod(
+                stamp_ns(image.header) + offset, 1_000_000_000)
+            h.info.publish(info)
+        h.image.publish(image)
+        return image.header.stamp.sec, image.header.stamp.nanosec
+
+    def camera_info_counts() -> dict[str, int]:
+        return node.stats.snapshot()["camera_info"]
+
+    # Its own camera_info, then a newer one with other intrinsics: the frame keeps its own.
+    out = h.wait("depth/camera_info", frame_with_infos(
+        (K, 0, "camera_optical_frame"), (wide, 10**9, "camera_optical_frame")))
+    assert out.k[0] == pytest.approx(K.fx)
+    # 3 ms off pairs (tolerance 5 ms); 50 ms off does not, nor does another frame_id.
+    h.wait("depth", frame_with_infos((K, 3_000_000, "camera_optical_frame")))
+    before = camera_info_counts()
+    _expect_skip(node, lambda: frame_with_infos((K, 50_000_000, "camera_optical_frame")),
+                 "no camera_info within 0.005 s")
+    _expect_skip(node, lambda: frame_with_infos((K, 0, "left_optical_frame")),
+                 "'left_optical_frame' is not the image's 'camera_optical_frame'")
+    after = camera_info_counts()
+    assert (after["unpaired"] - before["unpaired"], after["frame_id"] - before["frame_id"]) == (1, 1)
+
+
+def test_camera_info_sync_latest_takes_the_newest(ros: Any) -> None:
+    """The fallback for drivers whose camera_info stamps are unreliable."""
+    node = DepthNode(context=ros["context"], namespace="latest", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+        Parameter("camera_info_sync", value="latest")])
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth",))
+    try:
+        wait_until(lambda: all(i.reliability == "reliable" for i in node._inputs),  # noqa: SLF001
+                   what="/latest inputs to match the reliable publishers")
+        h.set_camera_info(_info(K))
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(7)),
+                                                    info_stamp_offset_ns=-10**9))
+        assert node.stats.snapshot()["camera_info"] == {"unpaired": 0, "frame_id": 0}
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+
+
 def test_matching_reliability_is_rosbag2s_rule() -> None:
     assert matching_reliability([]) == "best_effort"  # matches whichever publisher comes
     assert matching_reliability(["reliable", "reliable"]) == "reliable"
@@ -423,14 +511,13 @@ def test_input_reliability_auto_follows_the_publishers(ros: Any) -> None:
     lossy = rclpy.create_node("lossy_camera", namespace="auto", context=ros["context"])
     try:
         wait_until(lambda: image.reliability == "reliable", what="a reliable image input")
-        wait_until(lambda: h.image.get_subscription_count(), what="the reliable input to match")
         h.set_camera_info(_info(K))
-        h.wait("depth", h.send(rgb_to_image(_frame(1))))
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(1))))
         lossy.create_publisher(Image, "image", QoSProfile(
             depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
         wait_until(lambda: image.reliability == "best_effort", what="a best-effort image input")
-        wait_until(lambda: h.image.get_subscription_count(), what="the best-effort input to match")
-        h.wait("depth", h.send(rgb_to_image(_frame(2))))  # the reliable publisher still reaches it
+        # The reliable publisher still reaches the best-effort input.
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(2))))
         lossy.destroy_node()
         wait_until(lambda: image.reliability == "reliable", what="reliable again")
     finally:
@@ -523,7 +610,7 @@ def test_a_frame_in_flight_at_shutdown_ends_quietly(ros: Any) -> None:
         Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
     try:
         rclpy.shutdown(context=context)
-        node._process(rgb_to_image(_frame()), _info(K), None)  # noqa: SLF001 - the worker's step
+        node._process(rgb_to_image(_frame()), None)  # noqa: SLF001 - the worker's step
         totals = node.stats.snapshot()
         assert totals["skipped"] == totals["processed"] == totals["unwanted"] == 0
     finally:

@@ -75,7 +75,7 @@ def _live_abs_rel(camera: Camera, depth_msgs: list[Image], seeds: range) -> floa
         stamp = msg.header.stamp.sec
 
         def got(m: Image = msg, s: int = stamp) -> Image | None:
-            camera.info.publish(camera_info())
+            camera.info.publish(camera_info(m.header))
             camera.image.publish(m)
             return next((d for d in depth_msgs if d.header.stamp.sec == s), None)
 
@@ -125,6 +125,9 @@ def test_end_to_end_collect_label_finetune_gate_hot_swap(tmp_path: Path) -> None
             assert gate["deploy"] and gate["candidate_abs_rel"] < gate["live_abs_rel"] - 0.1
             after = _live_abs_rel(cam, depth_msgs, held_out)
             assert after < before - 0.1, (before, after)
+            # The held-out frames reach the distill node too; its store is written off the
+            # executor, so the last one can still be in flight when the depth came back.
+            wait_until(lambda: node.status()["frames_stored"] == 15, what="15 frames stored")
             ros.executor.remove_node(node)
             node.destroy_node()
             ros.nodes.remove(node)
