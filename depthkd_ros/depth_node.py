@@ -328,9 +328,9 @@ class DepthNode(SetupNode):
                         lambda: self._infos.nearest(stamp, self._info_tolerance_ns) is not None,
                         timeout=CAMERA_INFO_WAIT_SEC)
                     info = self._infos.nearest(stamp, self._info_tolerance_ns)
+            none_yet = self._infos.latest() is None
         if info is None:
-            raise CameraInfoMismatch("unpaired", "no camera_info received yet"
-                                     if self._infos.latest() is None else
+            raise CameraInfoMismatch("unpaired", "no camera_info received yet" if none_yet else
                                      f"no camera_info within {self._info_tolerance_ns / 1e9:g} s "
                                      "of the image stamp (camera_info_sync latest pairs with the "
                                      "newest one)")
