@@ -84,12 +84,10 @@ class Harness:
             self.msgs[topic].append(msg)
             self.cond.notify_all()
 
-    def set_camera_info(self, info: CameraInfo | None) -> None:
-        """Send every following frame with this camera_info (None: without any), stamped
-        like the frame as a driver does; published now until the node holds it."""
+    def set_camera_info(self, info: CameraInfo) -> None:
+        """Send every following frame with this camera_info, stamped like the frame as a
+        driver does; published now until the node holds it."""
         self.camera_info = info
-        if info is None:
-            return
 
         def held() -> bool:
             self.info.publish(info)
