@@ -4,10 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 PYTHON ?= python3
+# The real ROS 2 launch/CLI stack for a virtualenv (launch_ros, ros2cli, colcon...):
+# ../shared/ros2_tools beside the clone, resolved from this Makefile, not the caller's cwd.
+ROS2_TOOLS := $(abspath $(dir $(abspath $(lastword $(MAKEFILE_LIST))))../shared/ros2_tools)
 
 .PHONY: venv test test-slow demo demo-assets student bench-real bench-node clean
 
 venv: $(STAMP)
+	# Idempotent (install.sh keeps its own stamp): a ros2_tools folder that appears
+	# after the venv was made is still installed. Without it the real launch tests skip.
+	if [ -f $(ROS2_TOOLS)/install.sh ]; then bash $(ROS2_TOOLS)/install.sh $(VENV); fi
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -27,8 +27,19 @@ ROS = [
     "ros-diagnostic-msgs",
     "ros-rmw-fastrtps-cpp",
 ]
-DEV = ["pytest==9.2.0", "pytest-timeout==2.4.0"]
+# pytest 8: launch_testing (../shared/ros2_tools, or apt on a ROS install) is a pytest
+# plugin that pytest 9 refuses (PluginValidationError on every run).
+DEV = ["pytest==8.4.2", "pytest-timeout==2.4.0"]
 SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1"]
+# What the two optional nodes need beyond the live depth_node (numpy, OpenCV, onnxruntime,
+# rclpy). package.xml names the ones that have rosdep keys (tqdm, fastapi, uvicorn);
+# torch, timm, kornia, tensorboard, onnx, onnxscript and httpx have none (or, for timm,
+# only a pip key that would pull torch onto every robot): these extras install them.
+# distill_node: its fine-tuning round is a training run, its gate exports ONNX, and it
+# talks to the teacher over HTTP.
+DISTILL = TRAINING + ["httpx==0.28.1"]
+# teacher_server: torch teachers are timm models; onnxruntime serves ONNX teachers.
+TEACHER = TORCH + ["timm==1.0.31"] + SERVE
 
 setup(
     name=PACKAGE,
@@ -54,6 +65,8 @@ setup(
         "ros": ROS,
         "gpu": ["onnxruntime-gpu"],
         "serve": SERVE,
+        "distill": DISTILL,
+        "teacher": TEACHER,
         "dev": DEV + HF + DATA + SERVE,
     },
     zip_safe=True,

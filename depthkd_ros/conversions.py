@@ -55,6 +55,11 @@ _FROM_RGB = {
 }
 
 
+def stamp_ns(header: Header) -> int:
+    """A header's stamp in integer nanoseconds (exact, unlike float seconds)."""
+    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+
+
 def _layout(encoding: str) -> tuple[np.dtype, int]:
     try:
         return ENCODINGS[encoding]

@@ -32,6 +32,7 @@ from depthkd_core.inference import (
     EstimatorConfig,
     build_point_cloud,
 )
+from depthkd_core.stamps import RecentByStamp
 from depthkd_ros.conversions import (
     camera_info_to_intrinsics,
     compressed_to_rgb,
@@ -41,10 +42,14 @@ from depthkd_ros.conversions import (
     intrinsics_to_camera_info,
     points_to_pointcloud2,
     rgb_to_image,
+    stamp_ns,
 )
 from depthkd_ros.node_params import (
+    AUTO_QOS_PERIOD_SEC,
+    INPUT_RELIABILITY,
     RELIABILITY,
     WARN_THROTTLE_SEC,
+    InputSubscription,
     ParamSpec,
     SetupNode,
     check_choices,
@@ -54,6 +59,9 @@ from depthkd_ros.node_params import (
 )
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
+# camera_info_sync stamp: a frame's camera_info may arrive just after the frame (two topics);
+# the worker waits this long for it before skipping the frame.
+CAMERA_INFO_WAIT_SEC = 0.1
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "ONNX depth model; empty = the packaged student "
               "(depthkd_ros/models/student.onnx). Setting it at run time hot-swaps the model",
@@ -76,10 +84,17 @@ PARAMS: tuple[ParamSpec, ...] = (
               dynamic=True),
     ParamSpec("publish_colored", True, "publish depth/colored (bgr8 preview)", dynamic=True),
     ParamSpec("cloud_rgb", True, "add the rgb field to points", dynamic=True),
-    ParamSpec("input_reliability", "best_effort", "QoS reliability of the subscriptions "
-              "(best_effort accepts reliable and best-effort publishers)",
-              choices=tuple(RELIABILITY)),
+    ParamSpec("input_reliability", "auto", "QoS reliability of the subscriptions: auto "
+              "matches the publishers (reliable when all of them are, else best_effort), "
+              "re-checked every second; best_effort accepts either kind of publisher",
+              choices=INPUT_RELIABILITY),
     ParamSpec("input_depth", 5, "QoS history depth of the subscriptions", 1, 100),
+    ParamSpec("camera_info_sync", "stamp", "pair each image with the camera_info of its stamp "
+              "(stamp; the frame is skipped when none is within camera_info_tolerance) or with "
+              "the newest one (latest: drivers whose camera_info stamps are unreliable)",
+              choices=("stamp", "latest")),
+    ParamSpec("camera_info_tolerance", 0.005, "largest stamp difference (s) between an image "
+              "and its camera_info for camera_info_sync stamp", 0.0, 1.0),
     ParamSpec("output_reliability", "reliable", "QoS reliability of the outputs (reliable "
               "serves reliable and best-effort subscribers such as RViz)",
               choices=tuple(RELIABILITY)),
@@ -121,6 +136,14 @@ def load_estimator(values: dict[str, Any]) -> DepthEstimator:
     return estimator
 
 
+class CameraInfoMismatch(ValueError):
+    """No camera_info pairs with the frame (``kind`` unpaired) or its frame_id differs."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """Everything one frame needs; replaced as a whole so a frame never sees half a change."""
@@ -133,11 +156,19 @@ class Pipeline:
 
 
 class FrameStats:
-    """Thread-safe counters; ``window`` is reset by each diagnostics message."""
+    """Thread-safe counters; ``window`` is reset by each diagnostics message.
+
+    Every received frame ends in exactly one of the other totals once the worker is idle:
+    ``processed`` (published), ``dropped`` (replaced by a newer frame before the worker
+    took it), ``skipped`` (a bad frame) or ``unwanted`` (nobody subscribed to any output,
+    so no inference ran); received = processed + dropped + skipped + unwanted.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0}
+        self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0, "unwanted": 0}
+        # Why camera_info pairing skipped frames (part of ``skipped``).
+        self.camera_info = {"unpaired": 0, "frame_id": 0}
         self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
         self.last_error = ""
         self._reset_window()
@@ -146,10 +177,12 @@ class FrameStats:
         self.window_start = time.monotonic()
         self.window = {"frames": 0, "inference_ms": 0.0, "total_ms": 0.0}
 
-    def add(self, key: str, reason: str = "") -> None:
+    def add(self, key: str, reason: str = "", camera_info: str = "") -> None:
         with self.lock:
             self.totals[key] += 1
             self.last_error = reason or self.last_error
+            if camera_info:
+                self.camera_info[camera_info] += 1
 
     def frame_done(self, inference_ms: float, total_ms: float, published: list[str]) -> None:
         with self.lock:
@@ -169,7 +202,7 @@ class FrameStats:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {**self.totals, "published": dict(self.published),
-                    "last_error": self.last_error}
+                    "camera_info": dict(self.camera_info), "last_error": self.last_error}
 
 
 class DepthNode(SetupNode):
@@ -186,7 +219,10 @@ class DepthNode(SetupNode):
         self.stats = FrameStats()
         self._lock = threading.Lock()
         self._pending: Image | CompressedImage | None = None
-        self._camera_info: CameraInfo | None = None
+        self._infos: RecentByStamp[CameraInfo] = RecentByStamp()
+        self._info_arrived = threading.Condition(self._lock)
+        self._info_sync = values["camera_info_sync"]
+        self._info_tolerance_ns = int(values["camera_info_tolerance"] * 1e9)
         self._sparse: Image | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -206,21 +242,29 @@ class DepthNode(SetupNode):
                         values["cloud_rgb"], str(resolve_model_path(values["model_path"])))
 
     def _make_topics(self, values: dict[str, Any]) -> None:
-        qos_in = qos(values["input_reliability"], values["input_depth"])
+        def subscribe(kind: type, topic: str, callback: Any) -> InputSubscription:
+            return InputSubscription(self, kind, topic, callback, values["input_reliability"],
+                                     values["input_depth"])
+
         qos_out = qos(values["output_reliability"], values["output_depth"])
-        if values["input_transport"] == "raw":
-            self.create_subscription(Image, "image", self._on_image, qos_in)
-        else:
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos_in)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos_in)
+        self._inputs = [subscribe(Image, "image", self._on_image)
+                        if values["input_transport"] == "raw" else
+                        subscribe(CompressedImage, "image/compressed", self._on_image),
+                        subscribe(CameraInfo, "camera_info", self._on_camera_info)]
         if values["alignment"] in SPARSE_ALIGNMENTS:
-            self.create_subscription(Image, "sparse_depth", self._on_sparse, qos_in)
+            self._inputs.append(subscribe(Image, "sparse_depth", self._on_sparse))
+        if values["input_reliability"] == "auto":
+            self.create_timer(AUTO_QOS_PERIOD_SEC, self._match_inputs)
         self._pubs = {"depth": self.create_publisher(Image, "depth", qos_out),
                       "camera_info": self.create_publisher(CameraInfo, "depth/camera_info",
                                                            qos_out),
                       "colored": self.create_publisher(Image, "depth/colored", qos_out),
                       "points": self.create_publisher(PointCloud2, "points", qos_out)}
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+    def _match_inputs(self) -> None:
+        for subscription in self._inputs:
+            subscription.match()
 
     # -- callbacks: store the newest message only ------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -234,7 +278,8 @@ class DepthNode(SetupNode):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         with self._lock:
-            self._camera_info = msg
+            self._infos.add(stamp_ns(msg.header), msg)
+            self._info_arrived.notify_all()
 
     def _on_sparse(self, msg: Image) -> None:
         with self._lock:
@@ -265,32 +310,59 @@ class DepthNode(SetupNode):
                 continue
             with self._lock:
                 msg, self._pending = self._pending, None
-                info, sparse = self._camera_info, self._sparse
+                sparse = self._sparse
                 self._wake.clear()
             if msg is not None:
-                self._process(msg, info, sparse)
+                self._process(msg, sparse)
+
+    def _paired_info(self, msg: Image | CompressedImage) -> CameraInfo:
+        """This frame's camera_info (``camera_info_sync``); ValueError skips the frame."""
+        with self._lock:
+            if self._info_sync == "latest":
+                info = self._infos.latest()
+            else:
+                stamp = stamp_ns(msg.header)
+                info = self._infos.nearest(stamp, self._info_tolerance_ns)
+                if info is None:
+                    self._info_arrived.wait_for(
+                        lambda: self._infos.nearest(stamp, self._info_tolerance_ns) is not None,
+                        timeout=CAMERA_INFO_WAIT_SEC)
+                    info = self._infos.nearest(stamp, self._info_tolerance_ns)
+            none_yet = self._infos.latest() is None
+        if info is None:
+            raise CameraInfoMismatch("unpaired", "no camera_info received yet" if none_yet else
+                                     f"no camera_info within {self._info_tolerance_ns / 1e9:g} s "
+                                     "of the image stamp (camera_info_sync latest pairs with the "
+                                     "newest one)")
+        if info.header.frame_id and msg.header.frame_id and (
+                info.header.frame_id != msg.header.frame_id):
+            raise CameraInfoMismatch("frame_id", f"camera_info frame_id {info.header.frame_id!r} "
+                                     f"is not the image's {msg.header.frame_id!r}")
+        return info
 
     def _wanted(self, pipeline: Pipeline) -> list[str]:
         wanted = [name for name, pub in self._pubs.items() if pub.get_subscription_count() > 0]
         return [n for n in wanted if n != "colored" or pipeline.colored]
 
-    def _process(self, msg: Image | CompressedImage, info: CameraInfo | None,
-                 sparse: Image | None) -> None:
+    def _process(self, msg: Image | CompressedImage, sparse: Image | None) -> None:
         start = time.perf_counter()
         pipeline = self._pipeline  # read once: a hot-swap applies from the next frame
-        wanted = self._wanted(pipeline)
-        if not wanted:
-            return  # nobody listens: skip inference entirely
         try:
-            if info is None:
-                raise ValueError("no camera_info received yet")
+            wanted = self._wanted(pipeline)
+            if not wanted:
+                self.stats.add("unwanted")  # nobody listens: skip inference entirely
+                return
+            info = self._paired_info(msg)
             rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
             sparse_m = depth_image_to_numpy(sparse) if sparse is not None else None
             result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.
         except Exception as exc:  # noqa: BLE001
-            self.stats.add("skipped", str(exc))
+            if not self.context.ok():
+                return  # Ctrl-C shut the context down mid-frame: every rcl call fails now
+            self.stats.add("skipped", str(exc),
+                           exc.kind if isinstance(exc, CameraInfoMismatch) else "")
             self.get_logger().warning(f"skipped frame: {exc}",
                                       throttle_duration_sec=WARN_THROTTLE_SEC)
             return
@@ -325,6 +397,9 @@ class DepthNode(SetupNode):
             "total_ms": window["total_ms"] / max(frames, 1),
             "dropped_frames": totals["dropped"], "skipped_frames": totals["skipped"],
             "processed_frames": totals["processed"], "received_frames": totals["received"],
+            "unwanted_frames": totals["unwanted"], "input_reliability": self._inputs[0].reliability,
+            "camera_info_unpaired": totals["camera_info"]["unpaired"],
+            "camera_info_frame_id_mismatch": totals["camera_info"]["frame_id"],
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

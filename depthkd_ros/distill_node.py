@@ -29,6 +29,7 @@ from depthkd_core.online.keyframes import (
     KeyframeStore,
     StoreFullError,
 )
+from depthkd_core.online.registry import ModelRegistry
 from depthkd_core.online.rounds import RoundState, run_round_process
 from depthkd_core.serving.client import TeacherClient, TeacherRequestError
 from depthkd_ros.conversions import (
@@ -160,7 +161,7 @@ class DistillNode(SetupNode):
                                     breaker_failures=v["breaker_failures"],
                                     breaker_cooldown_s=v["breaker_cooldown_s"])
         self.state = RoundState(root / "state.json")
-        self.registry = None  # ModelRegistry, imported by the supervisor (torch)
+        self.registry = None  # ModelRegistry: its I/O runs on the supervisor thread
         self.counts = {"received": 0, "skipped": 0, "keyframes": 0, "store_errors": 0, "labelled": 0,
                        "teacher_failures": 0, "teacher_rejected": 0, "deploys": 0,
                        "deploy_rejected": 0, "rollbacks": 0, "round_failures": 0}
@@ -285,10 +286,6 @@ class DistillNode(SetupNode):
 
     # -- supervisor: rounds in a separate process, gate, deploy ----------------------------
     def _supervise_loop(self) -> None:
-        from depthkd_core.online.gate import (
-            ModelRegistry,  # torch: off the start-up path
-        )
-
         with self._registry_lock:
             self.registry = ModelRegistry(self.root / "models")
             deployed = self.registry.current() is not None

@@ -26,17 +26,14 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depthkd_core.geometry import Intrinsics
-from depthkd_ros.conversions import intrinsics_to_camera_info, rgb_to_image
+from depthkd_ros.conversions import (intrinsics_to_camera_info, rgb_to_compressed, rgb_to_image,
+                                     stamp_ns)
 
 OUTPUT_TOPICS = {"depth": Image, "depth/camera_info": CameraInfo,
                  "depth/colored": Image, "points": PointCloud2}
-
-
-def stamp_ns(header: Any) -> int:
-    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
 def cdr_stamp_ns(serialized: bytes) -> int:
@@ -61,14 +58,18 @@ class CameraPlayer(Node):
     ``keep_messages=False`` keeps only latencies (long benchmark runs), and then
     subscribes to the serialized bytes: deserialising megabyte clouds in Python
     would measure this process, not the node (RViz, a C++ subscriber, pays far less).
+    ``namespace`` is the camera's (topics are relative); ``transport`` ``compressed``
+    publishes JPEG on ``image/compressed`` as image_transport does.
     """
 
     def __init__(self, context: Context, topics: tuple[str, ...] = tuple(OUTPUT_TOPICS),
-                 keep_messages: bool = True) -> None:
-        super().__init__("depthkd_camera_player", context=context)
+                 keep_messages: bool = True, namespace: str = "", transport: str = "raw") -> None:
+        super().__init__("depthkd_camera_player", context=context, namespace=namespace)
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          reliability=ReliabilityPolicy.RELIABLE)
-        self._image_pub = self.create_publisher(Image, "image", qos)
+        self._compressed = {"raw": False, "compressed": True}[transport]
+        self._image_pub = (self.create_publisher(CompressedImage, "image/compressed", qos)
+                           if self._compressed else self.create_publisher(Image, "image", qos))
         self._info_pub = self.create_publisher(CameraInfo, "camera_info", qos)
         self.received = Received()
         self._keep = keep_messages
@@ -100,7 +101,7 @@ class CameraPlayer(Node):
                       ) -> int:
         """Publish one frame stamped now; returns the stamp (ns) that identifies it."""
         now = time.time_ns()
-        image = rgb_to_image(rgb, "rgb8")
+        image = rgb_to_compressed(rgb) if self._compressed else rgb_to_image(rgb, "rgb8")
         image.header.stamp.sec, image.header.stamp.nanosec = divmod(now, 1_000_000_000)
         image.header.frame_id = frame_id
         self._info_pub.publish(intrinsics_to_camera_info(K, image.header))

@@ -15,7 +15,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
+from typing import Any
 
 TOKEN_ENV = "DEPTHKD_TEACHER_TOKEN"
 
@@ -50,6 +53,25 @@ def read_token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV) or None
 
 
+def strip_ros_args(argv: list[str]) -> list[str]:
+    """``argv`` without its ROS arguments.
+
+    launch_ros appends ``--ros-args -r __node:=NAME`` to every Node's command line, so
+    ``teacher_server.launch.py`` hands this program arguments argparse does not know.
+    rcl's rule: each ``--ros-args`` opens a section that ``--`` or the end closes (what
+    rclpy.utilities.remove_ros_args does; this is a plain program, it needs no rclpy).
+    """
+    kept, in_ros = [], False
+    for arg in argv:
+        if arg == "--ros-args":
+            in_ros = True
+        elif in_ros and arg == "--":
+            in_ros = False
+        elif not in_ros:
+            kept.append(arg)
+    return kept
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacher_server", description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", required=True,
@@ -79,7 +101,7 @@ def _check_tls(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(strip_ros_args(sys.argv[1:] if argv is None else argv))
     try:
         token = read_token(args)
         check_bind(args.host, token)
@@ -104,8 +126,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger(__name__).info("serving %r as '%s' on %s:%d (%s, %s)", teacher, args.model_name,
                                      args.host, args.port, "TLS" if args.ssl_certfile else "plain HTTP",
                                      "token required" if token else "no token")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    _serve(uvicorn, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile))
+
+
+def _serve(uvicorn: Any, config: Any) -> None:
+    """uvicorn's ``run`` made quiet for Ctrl-C under ``ros2 launch``, where SIGINT arrives
+    twice: from the terminal (the whole process group) and forwarded by launch."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn takes a second SIGINT as "force exit" and cancels its own graceful
+            # shutdown (a CancelledError traceback); the shutdown already under way is enough.
+            if not (self.should_exit and sig == signal.SIGINT):
+                super().handle_exit(sig, frame)
+
+    # After a graceful shutdown uvicorn re-raises the signal to the handler it found:
+    # Python's default makes that a KeyboardInterrupt traceback, and a late second SIGINT
+    # during interpreter teardown would kill the process (exit -2). SIG_IGN, set only now
+    # so that Ctrl-C still stops a long teacher load, is what uvicorn restores.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit("teacher_server: the server did not start (see the log above)")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 PACKAGE = "depthkd_ros"
+DISTILL_SIGTERM_TIMEOUT_S = "30"
 # Installed, this file is share/depthkd_ros/launch/depth.launch.py and the configs
 # are in share/depthkd_ros/config; the source tree has the same layout, so the
 # launch file also runs from a checkout.
@@ -41,10 +43,24 @@ ARGUMENTS = {
 }
 
 
+def _check_rviz() -> None:
+    """Fail before any node starts: a Node action for a missing package raises only once
+    the nodes before it are running, and launch then leaves those behind as orphans."""
+    try:
+        get_package_prefix("rviz2")
+    except PackageNotFoundError:
+        raise RuntimeError("rviz:=true needs RViz 2 (package rviz2), which is not installed: "
+                           "install it (apt: ros-$ROS_DISTRO-rviz2) or launch without "
+                           "rviz:=true; nothing was started") from None
+
+
 def _nodes(context: object) -> list:
     def value(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
+    rviz = value("rviz").lower() in ("true", "1", "yes")
+    if rviz:
+        _check_rviz()
     namespaces = [ns.strip() for ns in value("cameras").split(",") if ns.strip()]
     namespaces = namespaces or [value("camera")]
     overrides = {"input_transport": value("input_transport")}
@@ -58,14 +74,17 @@ def _nodes(context: object) -> list:
                     output="screen")
                for ns in namespaces]
     if value("distill").lower() in ("true", "1", "yes"):
+        # Once a round ran, distill_node holds torch: its exit on Ctrl-C (threads joined, torch
+        # torn down) can take longer than launch's default 5 s before SIGTERM.
         actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
                          namespace=ns, remappings=remappings, output="screen",
+                         sigterm_timeout=DISTILL_SIGTERM_TIMEOUT_S,
                          parameters=[{"teacher_url": value("teacher_url"),
                                       "token_file": value("token_file"),
                                       "store_dir": str(Path(value("store_dir")) / ns),
                                       "input_transport": value("input_transport")}])
                     for ns in namespaces]
-    if value("rviz").lower() in ("true", "1", "yes"):
+    if rviz:
         # The RViz config uses relative topic names, resolved in this namespace.
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",
                             namespace=namespaces[0],

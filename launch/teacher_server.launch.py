@@ -15,6 +15,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 PACKAGE = "depthkd_ros"
+SIGTERM_TIMEOUT_S = "30"
 
 ARGUMENTS = {
     "teacher": ("", "teacher: HF folder, .onnx, TorchScript archive or depthkd checkpoint (required)"),
@@ -40,8 +41,10 @@ def _server(context: object) -> list:
     for name in ARGUMENTS:
         if value(name):  # empty optional arguments are left to the program's defaults
             arguments += [f"--{name.replace('_', '-')}", value(name)]
+    # On Ctrl-C the server finishes its requests, then Python tears torch down: seconds on
+    # a busy machine, past launch's default 5 s before it escalates to SIGTERM.
     return [Node(package=PACKAGE, executable="teacher_server", name="teacher_server",
-                 arguments=arguments, output="screen")]
+                 arguments=arguments, output="screen", sigterm_timeout=SIGTERM_TIMEOUT_S)]
 
 
 def generate_launch_description() -> LaunchDescription:

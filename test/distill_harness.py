@@ -65,8 +65,12 @@ def frame(seed: int) -> np.ndarray:
     return np.kron(rng.integers(0, 256, (H // 8, W // 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
 
 
-def camera_info() -> CameraInfo:
+def camera_info(header: Any = None) -> CameraInfo:
+    """The camera's CameraInfo, stamped like ``header`` (its image's) as a driver does:
+    depth_node pairs them by stamp."""
     info = CameraInfo(width=W, height=H)
+    if header is not None:
+        info.header = header
     info.k = K.matrix().ravel().tolist()
     info.p = [K.fx, 0.0, K.cx, 0.0, 0.0, K.fy, K.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
     return info
@@ -135,7 +139,7 @@ class Camera:
         self.seq += 1
         msg = rgb_to_image(rgb)
         msg.header.stamp.sec = 1000 + self.seq
-        self.info.publish(camera_info())
+        self.info.publish(camera_info(msg.header))
         self.image.publish(msg)
 
     def stream(self, node: dn.DistillNode, seeds: range, count_key: str = "keyframes") -> None:

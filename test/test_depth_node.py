@@ -7,6 +7,7 @@ real FastDepth model for hot-swap and drop tests.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import signal
@@ -37,8 +38,10 @@ from depthkd_core.geometry import Intrinsics, colorize_depth  # noqa: E402
 from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,  # noqa: E402
                                      compressed_to_rgb, depth_image_to_numpy, image_to_numpy,
                                      image_to_rgb, numpy_to_image,
-                                     pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image)
+                                     pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image,
+                                     stamp_ns)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_ros.node_params import matching_reliability  # noqa: E402
 from helpers import FASTDEPTH, TUM, wait_until, write_linear_onnx  # noqa: E402
 
 DOMAIN_ID = 47  # unique per test module so parallel runs never cross
@@ -64,6 +67,7 @@ class Harness:
         self.image = self.node.create_publisher(Image, "image", QOS)
         self.compressed = self.node.create_publisher(CompressedImage, "image/compressed", QOS)
         self.info = self.node.create_publisher(CameraInfo, "camera_info", QOS)
+        self.camera_info: CameraInfo | None = None
         self.cond = threading.Condition()
         self.msgs: dict[str, list] = defaultdict(list)
         kinds = {"depth": Image, "depth/camera_info": CameraInfo, "points": PointCloud2,
@@ -81,15 +85,25 @@ class Harness:
             self.cond.notify_all()
 
     def set_camera_info(self, info: CameraInfo) -> None:
-        """Publish camera_info until the node holds exactly this one."""
+        """Send every following frame with this camera_info, stamped like the frame as a
+        driver does; published now until the node holds it."""
+        self.camera_info = info
+
         def held() -> bool:
             self.info.publish(info)
-            return self.depth_node._camera_info == info  # noqa: SLF001 - test hook
+            return self.depth_node._infos.latest() == info  # noqa: SLF001 - test hook
         wait_until(held, what="camera_info to arrive")
 
-    def send(self, msg: Image | CompressedImage) -> tuple[int, int]:
+    def send(self, msg: Image | CompressedImage, info_stamp_offset_ns: int = 0) -> tuple[int, int]:
+        """Publish the camera_info (stamp offset by ``info_stamp_offset_ns``), then the frame."""
         msg.header.frame_id = "camera_optical_frame"
         msg.header.stamp.sec, msg.header.stamp.nanosec = 1000 + next(_stamps), 4242
+        if self.camera_info is not None:
+            info = copy.deepcopy(self.camera_info)
+            info.header.frame_id = msg.header.frame_id
+            info.header.stamp.sec, info.header.stamp.nanosec = divmod(
+                stamp_ns(msg.header) + info_stamp_offset_ns, 1_000_000_000)
+            self.info.publish(info)
         (self.image if isinstance(msg, Image) else self.compressed).publish(msg)
         return msg.header.stamp.sec, msg.header.stamp.nanosec
 
@@ -106,6 +120,19 @@ class Harness:
                 raise AssertionError(f"no {topic} for stamp {stamp} within {timeout} s; "
                                      f"node stats {self.depth_node.stats.snapshot()}")
             return find()
+
+
+def _send_until_back(h: Harness, topic: str, send: Callable[[], tuple[int, int]]) -> Any:
+    """Send frames until one comes back on ``topic``: right after a subscription is
+    (re)created the first frames can precede discovery. One frame per poll."""
+    stamps: list[tuple[int, int]] = []
+
+    def back() -> Any:
+        stamps.append(send())
+        with h.cond:
+            return next((m for m in h.msgs[topic]
+                         if (m.header.stamp.sec, m.header.stamp.nanosec) in stamps), None)
+    return wait_until(back, interval=0.2, what=f"a frame back on {topic}")
 
 
 def _info(K: Intrinsics) -> CameraInfo:
@@ -164,6 +191,10 @@ def ros(tmp_path_factory: pytest.TempPathFactory) -> Any:
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     for name, h in harness.items():
+        # input_reliability auto: the harness publishes reliable, so the inputs switch once.
+        wait_until(lambda n=nodes[name]: all(i.reliability == "reliable"
+                                             for i in n._inputs),  # noqa: SLF001
+                   what=f"{name} inputs to match the reliable publishers")
         wait_until(lambda h=h: (h.image.get_subscription_count()
                                 + h.compressed.get_subscription_count())
                    and h.info.get_subscription_count(), what=f"{name} discovery")
@@ -359,6 +390,143 @@ def _tum_rgb() -> np.ndarray:
     return _frame(6)
 
 
+def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
+    """received = processed + dropped + skipped + unwanted: frames taken while no output
+    has a subscriber were in no counter before (issue 11)."""
+    ramp = ros["models"] / "ramp.onnx"
+    node = DepthNode(context=ros["context"], namespace="quiet", parameter_overrides=[
+        Parameter("model_path", value=str(ramp)), Parameter("model_input_height", value=H),
+        Parameter("model_input_width", value=W)])
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ())
+    try:
+        wait_until(lambda: h.image.get_subscription_count(), what="/quiet discovery")
+        h.set_camera_info(_info(K))
+
+        def settled(received: int) -> dict[str, Any] | None:
+            t = node.stats.snapshot()
+            parts = t["processed"] + t["dropped"] + t["skipped"] + t["unwanted"]
+            return t if t["received"] == received == parts else None
+
+        for seed in range(4):  # nobody subscribes to any output
+            h.send(rgb_to_image(_frame(seed)))
+        before = wait_until(lambda: settled(4), what="4 unwanted frames counted")
+        assert before["processed"] == before["skipped"] == 0 and before["unwanted"] >= 1
+        h.subscribe("depth", Image)
+        wait_until(lambda: node._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+                   what="depth subscriber")
+        h.wait("depth", h.send(rgb_to_image(_frame(9))))
+        bad = rgb_to_image(_frame(10))
+        bad.encoding = "theora"
+        h.send(bad)
+        after = wait_until(lambda: settled(6), what="6 frames counted")
+        assert after["processed"] >= 1 and after["skipped"] == 1
+        assert after["unwanted"] == before["unwanted"]
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+
+
+def test_camera_info_pairs_with_its_frame_by_stamp(ros: Any) -> None:
+    """Each image gets the camera_info of its stamp (not the newest one), within
+    camera_info_tolerance and with the same frame_id; otherwise it is skipped and counted."""
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    wide = Intrinsics(fx=2 * K.fx, fy=2 * K.fy, cx=K.cx, cy=K.cy, width=W, height=H)
+
+    def frame_with_infos(*infos: tuple[Intrinsics, int, str]) -> tuple[int, int]:
+        """Publish camera_infos (intrinsics, stamp offset ns, frame_id), then the image."""
+        image = rgb_to_image(_frame(6))
+        image.header.frame_id = "camera_optical_frame"
+        image.header.stamp.sec, image.header.stamp.nanosec = 1000 + next(_stamps), 4242
+        for intrinsics, offset, frame_id in infos:
+            info = _info(intrinsics)
+            info.header.frame_id = frame_id
+            info.header.stamp.sec, info.header.stamp.nanosec = divmod(
+                stamp_ns(image.header) + offset, 1_000_000_000)
+            h.info.publish(info)
+        h.image.publish(image)
+        return image.header.stamp.sec, image.header.stamp.nanosec
+
+    def camera_info_counts() -> dict[str, int]:
+        return node.stats.snapshot()["camera_info"]
+
+    # Its own camera_info, then a newer one with other intrinsics: the frame keeps its own.
+    out = h.wait("depth/camera_info", frame_with_infos(
+        (K, 0, "camera_optical_frame"), (wide, 10**9, "camera_optical_frame")))
+    assert out.k[0] == pytest.approx(K.fx)
+    # 3 ms off pairs (tolerance 5 ms); 50 ms off does not, nor does another frame_id.
+    h.wait("depth", frame_with_infos((K, 3_000_000, "camera_optical_frame")))
+    before = camera_info_counts()
+    _expect_skip(node, lambda: frame_with_infos((K, 50_000_000, "camera_optical_frame")),
+                 "no camera_info within 0.005 s")
+    _expect_skip(node, lambda: frame_with_infos((K, 0, "left_optical_frame")),
+                 "'left_optical_frame' is not the image's 'camera_optical_frame'")
+    after = camera_info_counts()
+    assert (after["unpaired"] - before["unpaired"], after["frame_id"] - before["frame_id"]) == (1, 1)
+
+
+def test_camera_info_sync_latest_takes_the_newest(ros: Any) -> None:
+    """The fallback for drivers whose camera_info stamps are unreliable."""
+    node = DepthNode(context=ros["context"], namespace="latest", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+        Parameter("camera_info_sync", value="latest")])
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth",))
+    try:
+        wait_until(lambda: all(i.reliability == "reliable" for i in node._inputs),  # noqa: SLF001
+                   what="/latest inputs to match the reliable publishers")
+        h.set_camera_info(_info(K))
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(7)),
+                                                    info_stamp_offset_ns=-10**9))
+        assert node.stats.snapshot()["camera_info"] == {"unpaired": 0, "frame_id": 0}
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+
+
+def test_matching_reliability_is_rosbag2s_rule() -> None:
+    assert matching_reliability([]) == "best_effort"  # matches whichever publisher comes
+    assert matching_reliability(["reliable", "reliable"]) == "reliable"
+    assert matching_reliability(["reliable", "best_effort"]) == "best_effort"
+
+
+def test_input_reliability_auto_follows_the_publishers(ros: Any) -> None:
+    """auto (the default): reliable for reliable publishers (a best-effort reader loses
+    fragmented frames from them), best effort as soon as one publisher is, frames flowing."""
+    node = DepthNode(context=ros["context"], namespace="auto", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+        Parameter("model_input_height", value=H), Parameter("model_input_width", value=W)])
+    image = node._inputs[0]  # noqa: SLF001
+    assert node.get_parameter("input_reliability").value == "auto"
+    assert image.reliability == "best_effort"  # no publisher yet
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth",))  # reliable publishers
+    lossy = rclpy.create_node("lossy_camera", namespace="auto", context=ros["context"])
+    try:
+        wait_until(lambda: image.reliability == "reliable", what="a reliable image input")
+        h.set_camera_info(_info(K))
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(1))))
+        lossy.create_publisher(Image, "image", QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        wait_until(lambda: image.reliability == "best_effort", what="a best-effort image input")
+        # The reliable publisher still reaches the best-effort input.
+        _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(2))))
+        lossy.destroy_node()
+        wait_until(lambda: image.reliability == "reliable", what="reliable again")
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+        if lossy.handle is not None:
+            lossy.destroy_node()
+
+
 @needs_fastdepth
 def test_hot_swap_under_a_stream(ros: Any) -> None:
     node: DepthNode = ros["nodes"]["fast"]
@@ -431,6 +599,22 @@ def test_newest_frame_only_drops_and_counts(ros: Any) -> None:
     assert after["published"]["points"] == 0  # nobody subscribed to points: no cloud built
 
 
+def test_a_frame_in_flight_at_shutdown_ends_quietly(ros: Any) -> None:
+    """Ctrl-C shuts the context down before destroy_node stops the worker: a frame taken
+    just then met an invalid context (RCLError traceback from the worker thread)."""
+    context = Context()
+    rclpy.init(context=context, domain_id=DOMAIN_ID)
+    node = DepthNode(context=context, namespace="closing", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
+    try:
+        rclpy.shutdown(context=context)
+        node._process(rgb_to_image(_frame()), None)  # noqa: SLF001 - the worker's step
+        totals = node.stats.snapshot()
+        assert totals["skipped"] == totals["processed"] == totals["unwanted"] == 0
+    finally:
+        node.destroy_node()
+
+
 def test_startup_validation(ros: Any) -> None:
     ctx = ros["context"]
     ramp = str(ros["models"] / "ramp.onnx")
@@ -480,6 +664,37 @@ def test_main_starts_stops_and_fails_clearly(tmp_path: Path) -> None:
     bad = _run_main(["-p", f"model_path:={ramp}", "-p", "providers:=gpu"], DOMAIN_ID + 1)
     out, _ = bad.communicate(timeout=30)
     assert bad.returncode != 0 and "parameter providers must be one of" in out
+
+
+_SPIN_RAISING = """
+import sys, rclpy
+from rclpy.node import Node
+from depthkd_ros.node_params import spin
+
+class Failing(Node):
+    def __init__(self):
+        super().__init__("failing")
+        self.create_timer(0.01, self.tick)
+
+    def tick(self):
+        if sys.argv[1] == "after_shutdown":
+            rclpy.try_shutdown()  # what rclpy's SIGINT handler does first
+        raise RuntimeError("Unable to convert call argument '0' to Python object")
+
+spin(Failing)
+"""
+
+
+@pytest.mark.parametrize("case, code", [("after_shutdown", 0), ("running", 1)])
+def test_spin_ends_quietly_only_for_errors_after_shutdown(case: str, code: int) -> None:
+    """Ctrl-C landing in rclpy's message conversion surfaces as a RuntimeError (seen under
+    ros2 launch): after the shutdown it is the shutdown; before it, a real failure."""
+    done = subprocess.run([sys.executable, "-c", _SPIN_RAISING, case], cwd=REPO, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "ROS_DOMAIN_ID": str(DOMAIN_ID + 1)},
+                          capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    assert ("RuntimeError" in done.stderr) == bool(code), done.stderr
 
 
 def test_live_path_never_imports_torch() -> None:

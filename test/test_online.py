@@ -17,18 +17,13 @@ from depthkd_core.geometry import Intrinsics
 from depthkd_core.models import ModelConfig, build_model, save_checkpoint
 from depthkd_core.online import finetune
 from depthkd_core.online.finetune import FinetuneConfig, run_round
-from depthkd_core.online.gate import (
-    DeployError,
-    ModelRegistry,
-    checkpoint_predictor,
-    evaluate_against_teacher,
-    gate,
-)
+from depthkd_core.online.gate import checkpoint_predictor, evaluate_against_teacher, gate
 from depthkd_core.online.keyframes import (
     KeyframeSelector,
     KeyframeStore,
     StoreFullError,
 )
+from depthkd_core.online.registry import DeployError, ModelRegistry
 from depthkd_core.online.rounds import RoundState, parse_round_result, run_round_process
 
 SIZE = 64
@@ -292,7 +287,7 @@ class _Report:
 
 def test_registry_versions_and_export_failure(trained: dict, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from depthkd_core.online import gate as gate_mod
+    from depthkd_core.export import onnx_export
 
     outcome = {"passed": True, "raise": False}
 
@@ -302,7 +297,7 @@ def test_registry_versions_and_export_failure(trained: dict, tmp_path: Path,
             raise RuntimeError("exporter crashed")
         return _Report(outcome["passed"])
 
-    monkeypatch.setattr(gate_mod, "export_onnx", fake_export)
+    monkeypatch.setattr(onnx_export, "export_onnx", fake_export)  # deploy imports it late
     registry = ModelRegistry(tmp_path / "models", keep=2)
     first = registry.deploy(trained["init"], SIZE, SIZE)
     assert registry.deploy(trained["init"], SIZE, SIZE).name == "v0002.onnx"

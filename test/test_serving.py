@@ -7,6 +7,7 @@ import importlib.util
 import json
 import re
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -301,6 +302,17 @@ def test_circuit_breaker_opens_and_fails_fast() -> None:
     assert not breaker.is_open and breaker.consecutive == 0
 
 
+def test_server_program_accepts_the_ros_arguments_launch_appends(tmp_path: Path) -> None:
+    """launch_ros appends ``--ros-args -r __node:=NAME``; argparse used to exit 2 on it."""
+    strip = teacher_server.strip_ros_args
+    assert strip(["--teacher", "t", "--ros-args", "-r", "__node:=teacher_server"]) == ["--teacher", "t"]
+    assert strip(["--ros-args", "-p", "a:=1", "--", "--port", "9", "--ros-args", "--log-level",
+                  "debug"]) == ["--port", "9"]
+    with pytest.raises(SystemExit, match="refusing to bind"):  # parsed past the ROS arguments
+        teacher_server.main(["--teacher", "t", "--host", "0.0.0.0", "--ros-args", "-r",
+                             "__node:=teacher_server"])
+
+
 def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> None:
     with pytest.raises(SystemExit, match="refusing to bind 0.0.0.0 without a bearer token"):
         teacher_server.main(["--teacher", str(FASTDEPTH), "--host", "0.0.0.0"])
@@ -322,14 +334,17 @@ def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> Non
 
 
 def test_server_program_serves(tmp_path: Path) -> None:
-    """The console-script entry point really serves, on loopback, with a token."""
+    """The console-script entry point really serves, on loopback, with a token, and stops
+    quietly on Ctrl-C as ros2 launch delivers it: twice (uvicorn took the second one as
+    "force exit" and cancelled its own shutdown, with a traceback)."""
     if not FASTDEPTH.is_file():
         pytest.skip(f"missing {FASTDEPTH}")
     (tmp_path / "token").write_text(TOKEN)
     port = _closed_port()
     proc = subprocess.Popen([sys.executable, "-m", "depthkd_ros.teacher_server",
                              "--teacher", str(FASTDEPTH), "--model-name", "fd", "--port", str(port),
-                             "--token-file", str(tmp_path / "token"), "--log-level", "warning"], cwd=REPO)
+                             "--token-file", str(tmp_path / "token"), "--log-level", "warning"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
     try:
         client = TeacherClient(f"http://127.0.0.1:{port}", "fd", token=TOKEN, retries=0)
         deadline = time.monotonic() + 45
@@ -338,9 +353,14 @@ def test_server_program_serves(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert client.infer(np.full((1, 3, 32, 32), 0.5, np.float32)).shape == (1, 1, 32, 32)
         client.close()
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in err, err
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
 
 
 class _Recorder:

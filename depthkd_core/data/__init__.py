@@ -1,11 +1,14 @@
 """Data: the procedural simulator, dataset readers and the torch ``DepthDataset``.
 
-Importing this package never imports torch: ``DepthDataset`` is loaded on first
-use (PEP 562), so ``depthkd simulate`` and the readers stay light.
+Importing this package imports only the readers (numpy, OpenCV): ``DepthDataset``
+(torch) and the simulator (tqdm, the renderer) are loaded on first use (PEP 562),
+so ``depthkd simulate``, the readers and the ROS nodes that import
+``depthkd_core.data.frame`` (this package's ``__init__`` runs first) stay light.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from depthkd_core.data.frame import Frame
@@ -14,8 +17,10 @@ from depthkd_core.data.nyu import NyuMat
 from depthkd_core.data.readers import (READERS, ImageFolder, NyuPngFolder, SimFolder, TumFolder,
                                        build_reader)
 from depthkd_core.data.rosbag import RosbagImages
-from depthkd_core.data.simulator import (STYLES, SceneStyle, render_frame, render_sequence,
-                                         write_dataset)
+
+_LAZY = {"DepthDataset": "depthkd_core.data.dataset",
+         **{name: "depthkd_core.data.simulator" for name in
+            ("STYLES", "SceneStyle", "render_frame", "render_sequence", "write_dataset")}}
 
 __all__ = [
     "READERS", "STYLES", "DepthDataset", "Frame", "ImageFolder", "KittiDepth", "NyuMat",
@@ -25,8 +30,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DepthDataset":
-        from depthkd_core.data.dataset import DepthDataset
-
-        return DepthDataset
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
