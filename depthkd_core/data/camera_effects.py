@@ -24,7 +24,8 @@ Range = tuple[float, float]
 class CameraEffects:
     """Ranges (low, high) of a camera's effects; each frame draws one value of each."""
 
-    exposure: Range = (0.0, 0.0)          # exposure error, stops (2**ev gain)
+    auto_exposure: Range = (0.0, 0.0)     # mean brightness auto-exposure aims at (0: off)
+    exposure: Range = (0.0, 0.0)          # exposure error on top, stops (2**ev gain)
     white_balance: Range = (0.0, 0.0)     # warm (>0) / cool (<0) shift: R x (1+t), B x (1-t)
     tint: Range = (0.0, 0.0)              # green (<0) / magenta (>0) shift: G x (1-t)
     vignetting: Range = (0.0, 0.0)        # brightness loss at the image corners
@@ -39,7 +40,7 @@ class CameraEffects:
     jpeg_quality: tuple[int, int] = (100, 100)  # JPEG round trip; 100 on both ends = none
 
     def __post_init__(self) -> None:
-        for name in ("exposure", "white_balance", "tint", "vignetting", "gamma", "blur_sigma",
+        for name in ("auto_exposure", "exposure", "white_balance", "tint", "vignetting", "gamma", "blur_sigma",
                      "motion_blur", "read_noise", "shot_noise", "jpeg_quality"):
             lo, hi = getattr(self, name)
             if lo > hi:
@@ -88,12 +89,14 @@ def _highlights(image: np.ndarray, knee: float) -> np.ndarray:
 def apply_camera(image: np.ndarray, fx: CameraEffects, rng: np.random.Generator) -> np.ndarray:
     """Float RGB (H, W, 3) in about [0, 1] -> uint8 RGB through the camera ``fx``.
 
-    Order: exposure and white balance (on the sensor's light), vignetting,
+    Order: auto-exposure (gain 0.5-4 towards a mean brightness), exposure error and
+    white balance (on the sensor's light), vignetting,
     optical and motion blur, tone curve, photon + read noise, 8-bit
-    quantisation, JPEG. Exactly 10 uniforms and one normal field are drawn from
+    quantisation, JPEG. Exactly 13 uniforms and one normal field are drawn from
     ``rng`` (plus a second field when there is chroma noise).
     """
     h, w = image.shape[:2]
+    aim = _draw(rng, fx.auto_exposure)
     ev, warm, tint = _draw(rng, fx.exposure), _draw(rng, fx.white_balance), _draw(rng, fx.tint)
     vig, gamma = _draw(rng, fx.vignetting), _draw(rng, fx.gamma)
     sigma = _draw(rng, fx.blur_sigma) * w / 320
@@ -102,7 +105,11 @@ def apply_camera(image: np.ndarray, fx: CameraEffects, rng: np.random.Generator)
     moving = float(rng.uniform()) < fx.motion_probability
     quality = round(_draw(rng, fx.jpeg_quality))
     read, shot = _draw(rng, fx.read_noise), _draw(rng, fx.shot_noise)
-    gains = np.array([2**ev * (1 + warm), 2**ev * (1 - tint), 2**ev * (1 - warm)], np.float32)
+    gain = 2**ev
+    if aim > 0:
+        mean = float(image.mean())
+        gain *= float(np.clip(aim / max(mean, 1e-3), 0.5, 4.0))
+    gains = np.array([gain * (1 + warm), gain * (1 - tint), gain * (1 - warm)], np.float32)
     image = image.astype(np.float32) * gains
     if vig > 0:
         image = image * _vignette(h, w, vig)

@@ -13,6 +13,7 @@ import numpy as np
 from depthkd_core.data.camera_effects import apply_camera
 from depthkd_core.data.frame import Frame
 from depthkd_core.data.scene import N_ROOM_FACES, CameraPose, Scene
+from depthkd_core.data.shading import occlusion, shadow
 from depthkd_core.data.styles import SceneStyle
 from depthkd_core.data.textures import albedo
 from depthkd_core.geometry import Intrinsics
@@ -175,7 +176,7 @@ def surface_normals(scene: Scene, points: np.ndarray, part: np.ndarray) -> np.nd
 
 
 def _lighting(scene: Scene, style: SceneStyle, points: np.ndarray,
-              normals: np.ndarray) -> np.ndarray:
+              normals: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Ambient + Lambertian light (M, 3); point lights fall off with distance."""
     if scene.light.ndim == 2:   # several ceiling lights sharing the style's intensity
         lambert = np.zeros((len(points), 1), dtype=np.float32)
@@ -183,7 +184,10 @@ def _lighting(scene: Scene, style: SceneStyle, points: np.ndarray,
             to_light = light - points
             dist = np.linalg.norm(to_light, axis=1, keepdims=True)
             cos = np.sum(normals * to_light, axis=1, keepdims=True) / dist
-            lambert += np.maximum(cos, 0) / (1 + 0.08 * dist**2)
+            lit = np.maximum(cos, 0) / (1 + 0.08 * dist**2)
+            if shape is not None and style.shadows:
+                lit *= shadow(scene, points, normals, light, shape, style.shadows)
+            lambert += lit
         lambert *= np.float32(2 / (1 + len(scene.light)))
     elif style.light == "point":
         to_light = scene.light.astype(np.float32) - points
@@ -193,26 +197,6 @@ def _lighting(scene: Scene, style: SceneStyle, points: np.ndarray,
     else:
         lambert = np.maximum(normals @ scene.light.astype(np.float32), 0)[:, None]
     return style.ambient + style.light_intensity * lambert * np.asarray(style.light_colour)
-
-
-def _occlusion(scene: Scene, points: np.ndarray, part: np.ndarray,
-               strength: float) -> np.ndarray:
-    """Ambient occlusion factor (M, 1): darker towards room edges and corners, near the floor
-    and walls (objects standing on or against them), and on the floor under furniture."""
-    size = scene.size.astype(np.float32)
-    planes = np.concatenate([points, size - points], axis=1)[:, [0, 3, 1, 4, 2, 5]]
-    room = np.flatnonzero(part < N_ROOM_FACES)
-    planes[room, part[room]] = np.inf          # a room face is not occluded by itself
-    ao = 1 - strength * np.exp(-np.abs(planes).min(axis=1) / np.float32(0.3))
-    floor = np.flatnonzero(part == 4)
-    if len(floor) and len(scene.footprints):
-        f = scene.footprints.astype(np.float32)[None]
-        xy = points[floor, :2]
-        dx = np.maximum(np.maximum(f[..., 0] - xy[:, :1], xy[:, :1] - f[..., 2]), 0)
-        dy = np.maximum(np.maximum(f[..., 1] - xy[:, 1:], xy[:, 1:] - f[..., 3]), 0)
-        near = np.hypot(dx, dy).min(axis=1)
-        ao[floor] *= 1 - 0.8 * strength * np.exp(-near / np.float32(0.15))
-    return ao[:, None].astype(np.float32)
 
 
 def _sensor(image: np.ndarray, style: SceneStyle, rng: np.random.Generator) -> np.ndarray:
@@ -240,9 +224,9 @@ def render_view(scene: Scene, pose: CameraPose, K: Intrinsics, style: SceneStyle
     # Textures are sampled 1 mm behind the surface so a face lying on a checker
     # cell boundary (e.g. the floor at z = 0) does not flicker between cells.
     colour = albedo(scene.materials, scene.part_material[flat_part], points - 1e-3 * normals)
-    light = _lighting(scene, style, points, normals)
+    light = _lighting(scene, style, points, normals, (K.height, K.width))
     if style.occlusion:
-        light = light * _occlusion(scene, points, flat_part, style.occlusion)
+        light = light * occlusion(scene, points, flat_part, style.occlusion)
     emission = np.array([m.emission for m in scene.materials], dtype=np.float32)
     glow = emission[scene.part_material[flat_part]][:, None]
     colour = colour * (light + glow) if glow.any() else colour * light

@@ -98,7 +98,12 @@ class _Builder:
         self.instances = 0
 
     def colour(self, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
-        rgb = colorsys.hsv_to_rgb(self.rng.uniform(), _uniform(self.rng, saturation),
+        hue, share = self.rng.uniform(), self.style.natural_colours
+        if share and hue < share:          # wood, leather, terracotta: hue 0.03-0.13
+            hue = 0.03 + 0.1 * hue / share
+        elif share:
+            hue = (hue - share) / (1 - share)
+        rgb = colorsys.hsv_to_rgb(hue, _uniform(self.rng, saturation),
                                   _uniform(self.rng, value))
         return tuple(float(c) for c in rgb)
 
@@ -318,8 +323,9 @@ def clearance(scene: Scene, xy: np.ndarray) -> np.ndarray:
     return np.minimum(walls, np.hypot(dx, dy).min(axis=1))
 
 
-def _near_wall_view(scene: Scene, rng: np.random.Generator) -> tuple[float, ...]:
-    """Camera 0.3-1.2 m in front of a free stretch of wall, target across the room."""
+def _near_wall_view(scene: Scene, rng: np.random.Generator) -> tuple[float, ...] | None:
+    """Camera 0.3-1.2 m in front of a free stretch of wall, target across the room
+    (None if no such spot was found)."""
     size = scene.size
     xy = rng.uniform(0, 1, (256, 2)) * size[:2]
     wall = rng.integers(4, size=256)
@@ -327,6 +333,8 @@ def _near_wall_view(scene: Scene, rng: np.random.Generator) -> tuple[float, ...]
     xy[:, 0] = np.where(wall == 0, inset, np.where(wall == 1, size[0] - inset, xy[:, 0]))
     xy[:, 1] = np.where(wall == 2, inset, np.where(wall == 3, size[1] - inset, xy[:, 1]))
     free = np.where(clearance(scene, xy) >= 0.25, inset, -1)   # furniture-free spots only
+    if free.max() < 0:
+        return None
     x, y = xy[int(np.argmax(free))]
     far = rng.uniform(0.45, 0.95, 2) * size[:2]                # in the far half of the room
     tx = far[0] if x < size[0] / 2 else size[0] - far[0]
@@ -348,8 +356,9 @@ def sample_pose(scene: Scene, rng: np.random.Generator, margin: float = 0.6,
         height, (lo, hi) = style.camera_height, style.camera_pitch
     near_wall = style is not None and style.camera_near_wall > 0 \
         and rng.uniform() < style.camera_near_wall
-    if near_wall:
-        x, y, tx, ty = _near_wall_view(scene, rng)
+    view = _near_wall_view(scene, rng) if near_wall else None
+    if view is not None:
+        x, y, tx, ty = view
         z = _uniform(rng, height)
     else:
         xy = rng.uniform(0, 1, (256, 2)) * scene.size[:2]

@@ -55,12 +55,15 @@ class SceneStyle:
     vignetting: float                      # brightness loss at the image corners
     focal: tuple[float, float]             # fx / width
     # Added for the indoor style; the defaults reproduce target and sim exactly.
+    natural_colours: float = 0.0           # share of colours with warm wood-like hues
     camera_height: tuple[float, float] = (1.1, 1.6)    # metres above the floor
     camera_pitch: tuple[float, float] = (-5.0, 30.0)   # clip, degrees (> 0 looks down)
     camera_roll: float = 0.0               # std of the camera roll, degrees (hand-held)
     camera_near_wall: float = 0.0          # share of views from near a wall, across the room
     lights: tuple[int, int] = (1, 1)       # number of ceiling point lights
     occlusion: float = 0.0                 # ambient occlusion in room corners / under furniture
+    shadows: int = 0                       # soft shadows of the ceiling lights, traced every
+                                           # n-th pixel (0: none)
     clutter: tuple[int, int] = (0, 0)      # small objects on furniture tops and the floor
     wall_items: tuple[int, int] = (0, 0)   # doors, windows and pictures on the walls
     effects: CameraEffects | None = None   # camera pipeline; None: noise_std/blur/vignetting
@@ -129,15 +132,16 @@ STYLES: dict[str, SceneStyle] = {
                    ("bed", 0.08), ("cabinet", 0.12), ("sofa", 0.08), ("wardrobe", 0.08),
                    ("counter", 0.07), ("cylinder", 0.03), ("sphere", 0.02)),
         n_objects=(5, 12), size_scale=(0.9, 1.1),
-        room_size=(3.0, 7.0), room_height=(2.4, 2.9),
+        room_size=(3.0, 6.0), room_height=(2.4, 2.9),
         light="point", ambient=0.4, light_intensity=0.9, light_colour=(1.0, 0.93, 0.82),
         noise_std=0.0, blur=False, vignetting=0.0,
         focal=(0.84, 0.94),
-        camera_height=(1.0, 1.6), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
-        camera_near_wall=0.5, lights=(1, 3), occlusion=0.35, clutter=(10, 40),
+        natural_colours=0.6,
+        camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
+        camera_near_wall=0.3, lights=(1, 3), occlusion=0.35, shadows=4, clutter=(10, 40),
         wall_items=(2, 6),
         effects=CameraEffects(
-            exposure=(-0.4, 0.3), white_balance=(-0.06, 0.1), tint=(-0.03, 0.03),
+            auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1), tint=(-0.03, 0.03),
             vignetting=(0.1, 0.35), gamma=(0.9, 1.1), highlight_knee=0.8,
             blur_sigma=(0.3, 0.9), motion_blur=(2.0, 6.0), motion_probability=0.15,
             read_noise=(0.004, 0.012), shot_noise=(0.0005, 0.003), chroma_noise=0.3,
