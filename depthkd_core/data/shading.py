@@ -77,5 +77,6 @@ def shadow(scene: Scene, points: np.ndarray, normals: np.ndarray, light: np.ndar
         near = np.maximum(near, np.minimum(t0, t1))
         far = np.minimum(far, np.maximum(t0, t1))
     lit = 1 - (near < far).any(axis=1).reshape(gh, gw).astype(np.float32)
+    lit = cv2.GaussianBlur(lit, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
     lit = cv2.resize(lit, (w, h), interpolation=cv2.INTER_LINEAR)
     return lit.reshape(-1, 1)

@@ -19,7 +19,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 CLASS_IDS: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
 
-TEXTURES = ("flat", "checker", "stripes", "noise", "wood")
+TEXTURES = ("flat", "checker", "stripes", "noise", "wood", "planks", "tiles")
 FURNITURE = ("table", "shelf", "bed", "cabinet", "sphere", "cylinder",
              "chair", "sofa", "desk", "wardrobe", "counter")
 
@@ -125,7 +125,7 @@ STYLES: dict[str, SceneStyle] = {
         wall_saturation=(0.0, 0.15), wall_value=(0.6, 0.95),
         contrast=(0.6, 0.9), wall_contrast=(0.88, 0.97),
         object_textures=(("wood", 0.4), ("noise", 0.4), ("flat", 0.15), ("stripes", 0.05)),
-        floor_textures=(("wood", 0.5), ("noise", 0.5)),
+        floor_textures=(("planks", 0.4), ("tiles", 0.15), ("noise", 0.45)),
         wall_textures=(("noise", 0.7), ("flat", 0.3)),
         texture_scale=(2.0, 6.0),
         furniture=(("table", 0.12), ("desk", 0.1), ("chair", 0.18), ("shelf", 0.12),
@@ -138,12 +138,12 @@ STYLES: dict[str, SceneStyle] = {
         focal=(0.84, 0.94),
         natural_colours=0.6,
         camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
-        camera_near_wall=0.3, lights=(1, 3), occlusion=0.35, shadows=4, clutter=(10, 40),
+        camera_near_wall=0.3, lights=(1, 3), occlusion=0.6, shadows=4, clutter=(10, 40),
         wall_items=(2, 6),
         effects=CameraEffects(
             auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1), tint=(-0.03, 0.03),
             vignetting=(0.1, 0.35), gamma=(0.9, 1.1), highlight_knee=0.8,
-            blur_sigma=(0.3, 0.9), motion_blur=(2.0, 6.0), motion_probability=0.15,
+            blur_sigma=(0.0, 0.4), motion_blur=(2.0, 5.0), motion_probability=0.1,
             read_noise=(0.004, 0.012), shot_noise=(0.0005, 0.003), chroma_noise=0.3,
             jpeg_quality=(70, 95)),
     ),
