@@ -85,6 +85,39 @@ def add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.ndar
             b.box(*upper, "cabinet", inst, mat)
 
 
+def add_chairs(b: _Builder, table: np.ndarray, room: np.ndarray,
+               taken: list[np.ndarray]) -> None:
+    """With the style's chance, 1-4 chairs at the long sides of ``table``, backs outward
+    (chair side 0 lies below the table's low edge, so its back is that footprint's low side)."""
+    rng = b.rng
+    if rng.uniform() >= b.style.chairs_at_tables:
+        return
+    x0, y0, x1, y1 = table
+    along_x = (x1 - x0) >= (y1 - y0)
+    others = [r for r in taken if r is not table]
+    for _ in range(int(rng.integers(1, 5))):
+        w, h = _uniform(rng, (0.42, 0.5)), _uniform(rng, (0.8, 0.95))
+        gap, side = _uniform(rng, (-0.1, 0.15)), int(rng.integers(2))
+        if along_x:
+            cx = _uniform(rng, (x0, max(x0, x1 - w)))
+            cy = y0 - gap - w if side == 0 else y1 + gap
+            rect, back = np.array([cx, cy, cx + w, cy + w]), 2 + side
+        else:
+            cy = _uniform(rng, (y0, max(y0, y1 - w)))
+            cx = x0 - gap - w if side == 0 else x1 + gap
+            rect, back = np.array([cx, cy, cx + w, cy + w]), side
+        if rect[0] < 0.03 or rect[1] < 0.03 or rect[2] > room[0] - 0.03 \
+                or rect[3] > room[1] - 0.03 or not _fits(rect, others):
+            continue
+        inst, mat = b.new_instance(), b.material(b.style.object_textures)
+        seat = _uniform(rng, (0.42, 0.48))
+        _legs(b, rect, seat - 0.04, 0.035, "chair", inst, mat)
+        b.box([rect[0], rect[1], seat - 0.04], [rect[2], rect[3], seat], "chair", inst, mat)
+        b.box(*_panel(rect, back, 0.04, seat, h), "chair", inst, mat)
+        others.append(rect)
+        taken.append(rect)
+
+
 def _wall_box(size: np.ndarray, wall: int, u0: float, u1: float, z0: float, z1: float,
               out: float) -> tuple[list, list]:
     """A box on ``wall`` (0 x=0, 1 x=X, 2 y=0, 3 y=Y) spanning u0..u1 along it, ``out`` deep."""

@@ -296,6 +296,10 @@ def make_scene(style: SceneStyle, rng: np.random.Generator) -> Scene:
         if rect is not None:
             _add_furniture(b, kind, rect, h, size, inst=b.new_instance())
             taken.append(rect)
+            if kind in ("table", "desk") and style.chairs_at_tables:
+                from depthkd_core.data.furnish import add_chairs
+
+                add_chairs(b, rect, size, taken)
     taken = [r for r in taken if not any(r is k for k in kept)]
     if style.lights != (1, 1) or style.clutter[1] > 0:
         from depthkd_core.data.furnish import add_clutter, add_lamps
