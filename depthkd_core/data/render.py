@@ -13,7 +13,7 @@ import numpy as np
 from depthkd_core.data.camera_effects import apply_camera
 from depthkd_core.data.frame import Frame
 from depthkd_core.data.scene import N_ROOM_FACES, CameraPose, Scene
-from depthkd_core.data.shading import occlusion, shadow
+from depthkd_core.data.shading import lamps, occlusion
 from depthkd_core.data.styles import SceneStyle
 from depthkd_core.data.textures import albedo
 from depthkd_core.geometry import Intrinsics
@@ -176,20 +176,9 @@ def surface_normals(scene: Scene, points: np.ndarray, part: np.ndarray) -> np.nd
 
 
 def _lighting(scene: Scene, style: SceneStyle, points: np.ndarray,
-              normals: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Ambient + Lambertian light (M, 3); point lights fall off with distance."""
-    if scene.light.ndim == 2:   # several ceiling lights sharing the style's intensity
-        lambert = np.zeros((len(points), 1), dtype=np.float32)
-        for light in scene.light.astype(np.float32):
-            to_light = light - points
-            dist = np.linalg.norm(to_light, axis=1, keepdims=True)
-            cos = np.sum(normals * to_light, axis=1, keepdims=True) / dist
-            lit = np.maximum(cos, 0) / (1 + 0.08 * dist**2)
-            if shape is not None and style.shadows:
-                lit *= shadow(scene, points, normals, light, shape, style.shadows)
-            lambert += lit
-        lambert *= np.float32(2 / (1 + len(scene.light)))
-    elif style.light == "point":
+              normals: np.ndarray) -> np.ndarray:
+    """Ambient + Lambertian light (M, 3); the point light falls off with distance."""
+    if style.light == "point":
         to_light = scene.light.astype(np.float32) - points
         dist = np.linalg.norm(to_light, axis=1, keepdims=True)
         lambert = np.sum(normals * to_light / dist, axis=1, keepdims=True)
@@ -224,12 +213,21 @@ def render_view(scene: Scene, pose: CameraPose, K: Intrinsics, style: SceneStyle
     # Textures are sampled 1 mm behind the surface so a face lying on a checker
     # cell boundary (e.g. the floor at z = 0) does not flicker between cells.
     colour = albedo(scene.materials, scene.part_material[flat_part], points - 1e-3 * normals)
-    light = _lighting(scene, style, points, normals, (K.height, K.width))
+    highlight = None
+    if scene.light.ndim == 2:   # ceiling lamps: shadows, highlights
+        view = -rays.reshape(-1, 3) / np.linalg.norm(rays.reshape(-1, 3), axis=1, keepdims=True)
+        diffuse, highlight = lamps(scene, style, points, normals, view, flat_part,
+                                   (K.height, K.width))
+        light = style.ambient + style.light_intensity * diffuse * np.asarray(style.light_colour)
+    else:
+        light = _lighting(scene, style, points, normals)
     if style.occlusion:
         light = light * occlusion(scene, points, flat_part, style.occlusion)
     emission = np.array([m.emission for m in scene.materials], dtype=np.float32)
     glow = emission[scene.part_material[flat_part]][:, None]
     colour = colour * (light + glow) if glow.any() else colour * light
+    if highlight is not None:
+        colour = colour + highlight * np.asarray(style.light_colour, dtype=np.float32)
     image = colour.reshape(K.height, K.width, 3)
     rgb = (_sensor(image, style, rng) if style.effects is None
            else apply_camera(image, style.effects, rng))

@@ -13,10 +13,12 @@ import cv2
 import numpy as np
 
 from depthkd_core.data.scene import N_ROOM_FACES, Scene
-from depthkd_core.data.styles import CLASS_IDS
+from depthkd_core.data.styles import CLASS_IDS, SceneStyle
 
 # Wall-mounted and ceiling items cast no useful shadow (and lamps would shadow their light).
 _NO_SHADOW = [CLASS_IDS[c] for c in ("wall", "door", "window", "picture", "lamp")]
+_MATTE = [CLASS_IDS[c] for c in ("wall", "ceiling", "sofa", "lamp", "window")]
+_SHININESS = 24.0
 
 
 def occlusion(scene: Scene, points: np.ndarray, part: np.ndarray,
@@ -80,3 +82,35 @@ def shadow(scene: Scene, points: np.ndarray, normals: np.ndarray, light: np.ndar
     lit = cv2.GaussianBlur(lit, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
     lit = cv2.resize(lit, (w, h), interpolation=cv2.INTER_LINEAR)
     return lit.reshape(-1, 1)
+
+
+def lamps(scene: Scene, style: SceneStyle, points: np.ndarray, normals: np.ndarray,
+          view: np.ndarray, part: np.ndarray, shape: tuple[int, int]
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Diffuse (M, 1) and specular (M, 1, or None without ``style.gloss``) light of the
+    ceiling lamps ``scene.light`` (L, 3), with falloff and (``style.shadows``) soft shadows.
+
+    The lamps share the style's intensity (2 / (1 + L) each). Highlights are
+    Blinn-Phong, on everything but walls, ceiling, sofas and glowing parts.
+    """
+    diffuse = np.zeros((len(points), 1), dtype=np.float32)
+    specular = np.zeros_like(diffuse) if style.gloss else None
+    for light in scene.light.astype(np.float32):
+        to_light = light - points
+        dist = np.sqrt(np.einsum("ij,ij->i", to_light, to_light))[:, None]
+        to_light /= dist
+        cos = np.einsum("ij,ij->i", normals, to_light)[:, None]
+        lit = np.maximum(cos, 0) / (1 + 0.08 * dist**2)
+        if style.shadows:
+            lit *= shadow(scene, points, normals, light, shape, style.shadows)
+        diffuse += lit
+        if specular is not None:
+            half = to_light + view
+            half /= np.sqrt(np.einsum("ij,ij->i", half, half))[:, None] + 1e-9
+            spec = np.maximum(np.einsum("ij,ij->i", normals, half), 0)[:, None] ** _SHININESS
+            specular += spec * (lit > 0) * lit / np.maximum(cos, 1e-3)   # shadows, falloff
+    share = np.float32(2 / (1 + len(scene.light)))
+    if specular is not None:
+        matte = np.isin(scene.part_class[part], _MATTE)[:, None]
+        specular = np.where(matte, 0, specular * share * style.gloss).astype(np.float32)
+    return diffuse * share, specular

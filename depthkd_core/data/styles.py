@@ -4,6 +4,10 @@
 textures, soft point light, sensor noise and blur); ``sim`` is a clearly
 different synthetic domain (saturated palettes, flat/checker/stripe textures,
 more boxes and balls of varied size, a harsh directional light, a clean image).
+``indoor`` is the transfer set for real indoor teachers (NYU-trained): rooms,
+furniture, clutter, lamps and a consumer camera after real indoor scenes; its
+extra fields (defaults keep ``target`` and ``sim`` frame for frame) are read by
+scene.py, furnish.py, shading.py and camera_effects.py. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class SceneStyle:
     camera_near_wall: float = 0.0          # share of views from near a wall, across the room
     lights: tuple[int, int] = (1, 1)       # number of ceiling point lights
     occlusion: float = 0.0                 # ambient occlusion in room corners / under furniture
+    gloss: float = 0.0                     # strength of the lamps' highlights (Blinn-Phong)
     shadows: int = 0                       # soft shadows of the ceiling lights, traced every
                                            # n-th pixel (0: none)
     clutter: tuple[int, int] = (0, 0)      # small objects on furniture tops and the floor
@@ -139,7 +144,8 @@ STYLES: dict[str, SceneStyle] = {
         focal=(0.84, 0.94),
         natural_colours=0.6,
         camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
-        camera_near_wall=0.3, chairs_at_tables=0.3, lights=(1, 3), occlusion=0.6, shadows=4, clutter=(10, 40),
+        camera_near_wall=0.3, chairs_at_tables=0.3, lights=(1, 3), occlusion=0.6, shadows=4,
+        gloss=0.3, clutter=(10, 40),
         wall_items=(2, 6),
         effects=CameraEffects(
             auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1), tint=(-0.03, 0.03),
