@@ -40,8 +40,8 @@ class CameraEffects:
     jpeg_quality: tuple[int, int] = (100, 100)  # JPEG round trip; 100 on both ends = none
 
     def __post_init__(self) -> None:
-        for name in ("auto_exposure", "exposure", "white_balance", "tint", "vignetting", "gamma", "blur_sigma",
-                     "motion_blur", "read_noise", "shot_noise", "jpeg_quality"):
+        for name in ("auto_exposure", "exposure", "white_balance", "tint", "vignetting", "gamma",
+                     "blur_sigma", "motion_blur", "read_noise", "shot_noise", "jpeg_quality"):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"camera effect {name}: low {lo} > high {hi}")

@@ -198,7 +198,8 @@ def _book_row(b: _Builder, s: tuple[float, ...]) -> None:
         top = z + _uniform(b.rng, (0.13, min(0.32, free - 0.01)))
         d = min(depth, _uniform(b.rng, (0.14, 0.24)))
         v0 = (y0 if along_x else x0) + (depth - d) / 2
-        lo, hi = ([u, v0, z], [u + run, v0 + d, top]) if along_x else ([v0, u, z], [v0 + d, u + run, top])
+        lo, hi = (([u, v0, z], [u + run, v0 + d, top]) if along_x
+                  else ([v0, u, z], [v0 + d, u + run, top]))
         b.box(lo, hi, "object", b.new_instance(), b.material(BOOKS, palette=COLOURFUL))
         u += run + _uniform(b.rng, (0.0, 0.3))
 
@@ -209,7 +210,8 @@ def _item(b: _Builder, on_floor: bool) -> tuple[str, float, float, float]:
     if on_floor:
         kind = ("box", "bin", "ball")[int(rng.choice(3, p=[0.6, 0.3, 0.1]))]
         if kind == "box":
-            return kind, _uniform(rng, (0.2, 0.6)), _uniform(rng, (0.2, 0.5)), _uniform(rng, (0.1, 0.6))
+            return (kind, _uniform(rng, (0.2, 0.6)), _uniform(rng, (0.2, 0.5)),
+                    _uniform(rng, (0.1, 0.6)))
         if kind == "bin":
             r = _uniform(rng, (0.1, 0.2))
             return kind, 2 * r, 2 * r, _uniform(rng, (0.25, 0.5))
@@ -217,7 +219,8 @@ def _item(b: _Builder, on_floor: bool) -> tuple[str, float, float, float]:
         return kind, 2 * r, 2 * r, 2 * r
     kind = ("box", "bottle", "ball", "screen")[int(rng.choice(4, p=[0.45, 0.35, 0.1, 0.1]))]
     if kind == "box":   # books, boxes, appliances
-        return kind, _uniform(rng, (0.1, 0.45)), _uniform(rng, (0.1, 0.35)), _uniform(rng, (0.03, 0.3))
+        return (kind, _uniform(rng, (0.1, 0.45)), _uniform(rng, (0.1, 0.35)),
+                _uniform(rng, (0.03, 0.3)))
     if kind == "bottle":   # bottles, cups, vases, lamps
         r = _uniform(rng, (0.03, 0.09))
         return kind, 2 * r, 2 * r, _uniform(rng, (0.08, 0.4))

@@ -145,10 +145,10 @@ STYLES: dict[str, SceneStyle] = {
         natural_colours=0.6,
         camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
         camera_near_wall=0.3, chairs_at_tables=0.3, lights=(1, 3), occlusion=0.6, shadows=4,
-        gloss=0.3, clutter=(10, 40),
-        wall_items=(2, 6),
+        gloss=0.3, clutter=(10, 40), wall_items=(2, 6),
         effects=CameraEffects(
-            auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1), tint=(-0.03, 0.03),
+            auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1),
+            tint=(-0.03, 0.03),
             vignetting=(0.1, 0.35), gamma=(0.9, 1.1), highlight_knee=0.8,
             blur_sigma=(0.0, 0.4), motion_blur=(2.0, 5.0), motion_probability=0.1,
             read_noise=(0.004, 0.012), shot_noise=(0.0005, 0.003), chroma_noise=0.3,
