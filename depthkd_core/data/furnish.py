@@ -72,17 +72,54 @@ def add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.ndar
         b.surfaces.append((x0, y0, x1, y1, h, 0.6))
     elif kind == "wardrobe":
         b.box([x0, y0, 0], [x1, y1, h], "cabinet", inst, mat)
+        add_fronts(b, r, side ^ 1, 0.02, h - 0.02, inst, handle=1.05)
         b.surfaces.append((x0, y0, x1, y1, h, min(0.4, room[2] - h - 0.05)))
     else:   # counter: base cabinets, a stone top, wall cabinets above
         stone = b.material((("noise", 0.7), ("flat", 0.3)), palette=((0.0, 0.15), (0.2, 0.95),
                                                                       (0.7, 0.95)))
         b.box([x0, y0, 0.1], [x1, y1, h - 0.04], "cabinet", inst, mat)
-        b.box(*_panel(r, side, 1.0, 0.0, 0.1), "cabinet", inst, b.material(OBJECTS, palette=DARK))
+        depth = (x1 - x0) if side < 2 else (y1 - y0)
+        b.box(*_panel(r, side, depth - 0.06, 0.0, 0.1), "cabinet", inst,
+              b.material(OBJECTS, palette=DARK))
+        add_fronts(b, r, side ^ 1, 0.12, h - 0.06, inst, handle=h - 0.14)
         b.box([x0 - 0.02, y0 - 0.02, h - 0.04], [x1 + 0.02, y1 + 0.02, h], "cabinet", inst, stone)
         b.surfaces.append((x0, y0, x1, y1, h, 0.45))
         if room[2] > 2.3 and b.rng.uniform() < 0.7:
-            upper = _panel(r, side, 0.35, 1.45, min(2.2, room[2] - 0.05))
+            top = min(2.2, room[2] - 0.05)
+            upper = _panel(r, side, 0.35, 1.45, top)
             b.box(*upper, "cabinet", inst, mat)
+            face = np.array([upper[0][0], upper[0][1], upper[1][0], upper[1][1]])
+            add_fronts(b, face, side ^ 1, 1.47, top - 0.02, inst, handle=1.52)
+
+
+def _on_face(r: np.ndarray, face: int, u0: float, u1: float, z0: float, z1: float,
+             out: float) -> tuple[list, list]:
+    """A box standing ``out`` proud of side ``face`` of footprint ``r``, spanning u0..u1
+    along that side (y for faces 0/1, x for faces 2/3) and z0..z1."""
+    x0, y0, x1, y1 = r
+    return ([[x0 - out, u0, z0], [x0, u1, z1]], [[x1, u0, z0], [x1 + out, u1, z1]],
+            [[u0, y0 - out, z0], [u1, y0, z1]], [[u0, y1, z0], [u1, y1 + out, z1]])[face]
+
+
+def add_fronts(b: _Builder, r: np.ndarray, face: int, z0: float, z1: float, inst: int,
+               handle: float) -> None:
+    """Doors about 0.5 m wide on side ``face``: dark gaps between them and a handle each,
+    its centre at height ``handle`` (handles are ~12 cm: a cue to real size)."""
+    if not b.style.furniture_fronts:
+        return
+    lo, hi = (r[1], r[3]) if face < 2 else (r[0], r[2])
+    n = max(1, round((hi - lo) / 0.5))
+    edges = np.linspace(lo, hi, n + 1)
+    gap = b.material((("flat", 1.0),), palette=DARK)
+    metal = b.material((("flat", 1.0),), palette=((0.0, 0.1), (0.15, 0.9), (0.9, 1.0)))
+    for k in range(n):
+        if k:
+            b.box(*_on_face(r, face, edges[k] - 0.005, edges[k] + 0.005, z0, z1, 0.004),
+                  "cabinet", inst, gap)
+        u = edges[k + 1] - 0.08 if k % 2 == 0 else edges[k] + 0.06
+        hz = float(np.clip(handle, z0 + 0.08, z1 - 0.08))
+        b.box(*_on_face(r, face, u, u + 0.02, hz - 0.06, hz + 0.06, 0.03), "cabinet", inst,
+              metal)
 
 
 def add_chairs(b: _Builder, table: np.ndarray, room: np.ndarray,

@@ -216,6 +216,10 @@ def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.nda
     elif kind == "cabinet":
         b.box([x0, y0, 0], [x1, y1, h], kind, inst, mat)
         b.surfaces.append((x0, y0, x1, y1, h, 0.6))
+        if b.style.furniture_fronts:
+            from depthkd_core.data.furnish import _against, add_fronts
+
+            add_fronts(b, r, _against(r, room) ^ 1, 0.03, h - 0.03, inst, handle=h - 0.1)
     elif kind == "table":
         leg, top = 0.06, 0.04
         b.box([x0, y0, h - top], [x1, y1, h], kind, inst, mat)

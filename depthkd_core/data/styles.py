@@ -71,6 +71,7 @@ class SceneStyle:
                                            # n-th pixel (0: none)
     clutter: tuple[int, int] = (0, 0)      # small objects on furniture tops and the floor
     chairs_at_tables: float = 0.0          # chance of 1-4 chairs pulled up to a table or desk
+    furniture_fronts: bool = False         # cabinet doors with gaps and handles
     wall_items: tuple[int, int] = (0, 0)   # doors, windows and pictures on the walls
     effects: CameraEffects | None = None   # camera pipeline; None: noise_std/blur/vignetting
 
@@ -144,8 +145,8 @@ STYLES: dict[str, SceneStyle] = {
         focal=(0.84, 0.94),
         natural_colours=0.6,
         camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
-        camera_near_wall=0.3, chairs_at_tables=0.3, lights=(1, 3), occlusion=0.6, shadows=4,
-        gloss=0.3, clutter=(10, 40), wall_items=(2, 6),
+        camera_near_wall=0.3, chairs_at_tables=0.3, furniture_fronts=True, lights=(1, 3),
+        occlusion=0.6, shadows=4, gloss=0.3, clutter=(10, 40), wall_items=(2, 6),
         effects=CameraEffects(
             auto_exposure=(0.35, 0.5), exposure=(-0.3, 0.3), white_balance=(-0.06, 0.1),
             tint=(-0.03, 0.03),
