@@ -26,10 +26,12 @@ def occlusion(scene: Scene, points: np.ndarray, part: np.ndarray,
     """Ambient occlusion factor (M, 1): darker towards room edges and corners, near the floor
     and walls (objects standing on or against them), and on the floor under furniture."""
     size = scene.size.astype(np.float32)
-    planes = np.concatenate([points, size - points], axis=1)[:, [0, 3, 1, 4, 2, 5]]
-    room = np.flatnonzero(part < N_ROOM_FACES)
-    planes[room, part[room]] = np.inf          # a room face is not occluded by itself
-    ao = 1 - strength * np.exp(-np.abs(planes).min(axis=1) / np.float32(0.3))
+    nearest = np.full(len(points), np.inf, dtype=np.float32)
+    for k in range(N_ROOM_FACES):   # distance to room plane k (a face ignores its own plane)
+        axis = k // 2
+        gap = np.abs(points[:, axis] if k % 2 == 0 else size[axis] - points[:, axis])
+        nearest = np.minimum(nearest, np.where(part == k, np.float32(np.inf), gap))
+    ao = 1 - strength * np.exp(-nearest / np.float32(0.3))
     floor = np.flatnonzero(part == 4)
     if len(floor) and len(scene.footprints):
         f = scene.footprints.astype(np.float32)[None]
@@ -49,9 +51,11 @@ def _casters(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     hi = [scene.box_hi, scene.spheres[:, :3] + scene.spheres[:, 3:],
           np.stack([scene.cylinders[:, 0] + scene.cylinders[:, 2],
                     scene.cylinders[:, 1] + scene.cylinders[:, 2], scene.cylinders[:, 4]], 1)]
-    keep = ~np.isin(scene.part_class[N_ROOM_FACES:], _NO_SHADOW)
-    return (np.concatenate(lo).astype(np.float32)[keep],
-            np.concatenate(hi).astype(np.float32)[keep])
+    lo, hi = np.concatenate(lo).astype(np.float32), np.concatenate(hi).astype(np.float32)
+    # Handles, door gaps and legs are too thin for shadows traced on a coarse grid.
+    big = np.sort(hi - lo, axis=1)[:, 1] >= 0.1
+    keep = ~np.isin(scene.part_class[N_ROOM_FACES:], _NO_SHADOW) & big
+    return lo[keep], hi[keep]
 
 
 def shadow(scene: Scene, points: np.ndarray, normals: np.ndarray, light: np.ndarray,
