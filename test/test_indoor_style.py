@@ -141,6 +141,7 @@ def test_new_style_fields_default_to_the_old_behaviour():
     for style in ("target", "sim"):
         s = STYLES[style]
         for name in ("camera_height", "camera_pitch", "camera_roll", "camera_near_wall",
+                     "camera_margin",
                      "lights", "occlusion", "shadows", "clutter", "wall_items", "effects",
                      "natural_colours", "gloss", "chairs_at_tables", "furniture_fronts"):
             assert getattr(s, name) == fields[name].default, (style, name)

@@ -331,16 +331,17 @@ def clearance(scene: Scene, xy: np.ndarray) -> np.ndarray:
     return np.minimum(walls, np.hypot(dx, dy).min(axis=1))
 
 
-def _near_wall_view(scene: Scene, rng: np.random.Generator) -> tuple[float, ...] | None:
-    """Camera 0.3-1.2 m in front of a free stretch of wall, target across the room
-    (None if no such spot was found)."""
+def _near_wall_view(scene: Scene, rng: np.random.Generator,
+                    margin: float) -> tuple[float, ...] | None:
+    """Camera 0.3-1.2 m in front of a free stretch of wall (``margin`` from furniture),
+    target across the room (None if no such spot was found)."""
     size = scene.size
     xy = rng.uniform(0, 1, (256, 2)) * size[:2]
     wall = rng.integers(4, size=256)
     inset = rng.uniform(0.3, 1.2, 256)
     xy[:, 0] = np.where(wall == 0, inset, np.where(wall == 1, size[0] - inset, xy[:, 0]))
     xy[:, 1] = np.where(wall == 2, inset, np.where(wall == 3, size[1] - inset, xy[:, 1]))
-    free = np.where(clearance(scene, xy) >= 0.25, inset, -1)   # furniture-free spots only
+    free = np.where(clearance(scene, xy) >= margin, inset, -1)   # clear of furniture
     if free.max() < 0:
         return None
     x, y = xy[int(np.argmax(free))]
@@ -350,9 +351,10 @@ def _near_wall_view(scene: Scene, rng: np.random.Generator) -> tuple[float, ...]
     return float(x), float(y), float(tx), float(ty)
 
 
-def sample_pose(scene: Scene, rng: np.random.Generator, margin: float = 0.6,
+def sample_pose(scene: Scene, rng: np.random.Generator, margin: float | None = None,
                 style: SceneStyle | None = None) -> CameraPose:
-    """A camera at least ``margin`` from walls and furniture (or as far as the room allows),
+    """A camera at least ``margin`` (default: the style's ``camera_margin``, else 0.6 m)
+    from walls and furniture (or as far as the room allows),
     1.1-1.6 m high, aimed (with 15 and 5 degree jitter) at a point 0.3-1.0 m above the
     floor inside a piece of furniture (or, one time in ten, anywhere in the room);
     pitch is kept within 5 degrees up to 30 down, so the view stays roughly level.
@@ -362,9 +364,11 @@ def sample_pose(scene: Scene, rng: np.random.Generator, margin: float = 0.6,
     height, (lo, hi) = (1.1, 1.6), (-5.0, 30.0)
     if style is not None:
         height, (lo, hi) = style.camera_height, style.camera_pitch
+    if margin is None:
+        margin = 0.6 if style is None else style.camera_margin
     near_wall = style is not None and style.camera_near_wall > 0 \
         and rng.uniform() < style.camera_near_wall
-    view = _near_wall_view(scene, rng) if near_wall else None
+    view = _near_wall_view(scene, rng, max(0.25, margin - 0.35)) if near_wall else None
     if view is not None:
         x, y, tx, ty = view
         z = _uniform(rng, height)

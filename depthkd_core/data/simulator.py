@@ -62,7 +62,7 @@ def render_sequence(style: str | SceneStyle, seed: int, n: int, height: int = 24
     scene = make_scene(style, rng)
     K = sample_intrinsics(style, rng, width, height)
     radius = 0.3
-    start = sample_pose(scene, rng, margin=0.6 + 2 * radius, style=style)
+    start = sample_pose(scene, rng, margin=style.camera_margin + 2 * radius, style=style)
     phase = rng.uniform(0, 2 * math.pi)
     turn = rng.choice([-1.0, 1.0]) * rng.uniform(math.radians(30), math.radians(60))
     frames = []

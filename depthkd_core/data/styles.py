@@ -63,6 +63,7 @@ class SceneStyle:
     camera_height: tuple[float, float] = (1.1, 1.6)    # metres above the floor
     camera_pitch: tuple[float, float] = (-5.0, 30.0)   # clip, degrees (> 0 looks down)
     camera_roll: float = 0.0               # std of the camera roll, degrees (hand-held)
+    camera_margin: float = 0.6             # least distance to walls and furniture, metres
     camera_near_wall: float = 0.0          # share of views from near a wall, across the room
     lights: tuple[int, int] = (1, 1)       # number of ceiling point lights
     occlusion: float = 0.0                 # ambient occlusion in room corners / under furniture
@@ -144,7 +145,7 @@ STYLES: dict[str, SceneStyle] = {
         noise_std=0.0, blur=False, vignetting=0.0,
         focal=(0.84, 0.94),
         natural_colours=0.6,
-        camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0,
+        camera_height=(1.3, 1.7), camera_pitch=(-5.0, 25.0), camera_roll=3.0, camera_margin=1.2,
         camera_near_wall=0.3, chairs_at_tables=0.3, furniture_fronts=True, lights=(1, 3),
         occlusion=0.6, shadows=4, gloss=0.3, clutter=(10, 40), wall_items=(2, 6),
         effects=CameraEffects(
