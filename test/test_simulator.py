@@ -161,8 +161,8 @@ def test_write_dataset_parallel_equals_serial_and_constant_intrinsics(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown style 'indoor'"):
-        render_frame("indoor", 0)
+    with pytest.raises(ValueError, match="unknown style 'outdoor'"):
+        render_frame("outdoor", 0)
     with pytest.raises(ValueError, match="n >= 1"):
         render_sequence("sim", 0, 0)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from depthkd_core.data.camera_effects import apply_camera
 from depthkd_core.data.frame import Frame
 from depthkd_core.data.scene import N_ROOM_FACES, CameraPose, Scene
+from depthkd_core.data.shading import lamps, occlusion
 from depthkd_core.data.styles import SceneStyle
 from depthkd_core.data.textures import albedo
 from depthkd_core.geometry import Intrinsics
@@ -211,7 +213,23 @@ def render_view(scene: Scene, pose: CameraPose, K: Intrinsics, style: SceneStyle
     # Textures are sampled 1 mm behind the surface so a face lying on a checker
     # cell boundary (e.g. the floor at z = 0) does not flicker between cells.
     colour = albedo(scene.materials, scene.part_material[flat_part], points - 1e-3 * normals)
-    colour = colour * _lighting(scene, style, points, normals)
-    rgb = _sensor(colour.reshape(K.height, K.width, 3), style, rng)
+    highlight = None
+    if scene.light.ndim == 2:   # ceiling lamps: shadows, highlights
+        view = -rays.reshape(-1, 3) / np.linalg.norm(rays.reshape(-1, 3), axis=1, keepdims=True)
+        diffuse, highlight = lamps(scene, style, points, normals, view, flat_part,
+                                   (K.height, K.width))
+        light = style.ambient + style.light_intensity * diffuse * np.asarray(style.light_colour)
+    else:
+        light = _lighting(scene, style, points, normals)
+    if style.occlusion:
+        light = light * occlusion(scene, points, flat_part, style.occlusion)
+    emission = np.array([m.emission for m in scene.materials], dtype=np.float32)
+    glow = emission[scene.part_material[flat_part]][:, None]
+    colour = colour * (light + glow) if glow.any() else colour * light
+    if highlight is not None:
+        colour = colour + highlight * np.asarray(style.light_colour, dtype=np.float32)
+    image = colour.reshape(K.height, K.width, 3)
+    rgb = (_sensor(image, style, rng) if style.effects is None
+           else apply_camera(image, style.effects, rng))
     return Frame(rgb=rgb, depth=depth, intrinsics=K, semantic=scene.part_class[part],
                  instance=scene.part_instance[part], name=name)

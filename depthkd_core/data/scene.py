@@ -31,6 +31,7 @@ class Material:
     axis: tuple[float, float, float]      # stripe normal / wood grain direction
     offset: tuple[float, float, float]    # pattern phase, metres
     seed: int
+    emission: float = 0.0                 # light given off (windows, lamps), x albedo
 
 
 @dataclass
@@ -46,17 +47,20 @@ class Scene:
     part_instance: np.ndarray   # (P,) instance id, 1-based
     part_material: np.ndarray   # (P,) index into materials
     materials: list[Material]
-    light: np.ndarray           # point: position; directional: unit vector to the light
+    light: np.ndarray           # point: position (or (L, 3) positions); directional: unit
+                                # vector to the light
     footprints: np.ndarray      # (F, 4) x0, y0, x1, y1 of everything on the floor
 
 
 @dataclass(frozen=True)
 class CameraPose:
-    """Camera centre in the world; yaw about +z from +x; pitch > 0 looks down (radians)."""
+    """Camera centre in the world; yaw about +z from +x; pitch > 0 looks down; roll turns
+    the image clockwise about the optical axis (radians)."""
 
     position: tuple[float, float, float]
     yaw: float
     pitch: float
+    roll: float = 0.0
 
     def rotation(self) -> np.ndarray:
         """Camera-to-world rotation; columns are the camera's x (right), y (down), z (forward)."""
@@ -64,7 +68,11 @@ class CameraPose:
         cp, sp = math.cos(self.pitch), math.sin(self.pitch)
         forward = np.array([cy * cp, sy * cp, -sp])
         right = np.array([sy, -cy, 0.0])
-        return np.stack([right, np.cross(forward, right), forward], axis=1)
+        down = np.cross(forward, right)
+        if self.roll:
+            cr, sr = math.cos(self.roll), math.sin(self.roll)
+            right, down = cr * right + sr * down, cr * down - sr * right
+        return np.stack([right, down, forward], axis=1)
 
 
 def _choose(rng: np.random.Generator, weights: Weights) -> str:
@@ -86,16 +94,31 @@ class _Builder:
         self.spheres: list[tuple[list[float], int, int, int]] = []
         self.cylinders: list[tuple[list[float], int, int, int]] = []
         self.materials: list[Material] = []
+        self.surfaces: list[tuple[float, ...]] = []  # x0 y0 x1 y1 z, free height above
+        self.instances = 0
 
     def colour(self, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
-        rgb = colorsys.hsv_to_rgb(self.rng.uniform(), _uniform(self.rng, saturation),
+        hue, share = self.rng.uniform(), self.style.natural_colours
+        if share and hue < share:          # wood, leather, terracotta: hue 0.03-0.13
+            hue = 0.03 + 0.1 * hue / share
+        elif share:
+            hue = (hue - share) / (1 - share)
+        rgb = colorsys.hsv_to_rgb(hue, _uniform(self.rng, saturation),
                                   _uniform(self.rng, value))
         return tuple(float(c) for c in rgb)
 
-    def material(self, textures: Weights, wall: bool = False) -> int:
+    def new_instance(self) -> int:
+        self.instances += 1
+        return N_ROOM_FACES + self.instances
+
+    def material(self, textures: Weights, wall: bool = False, palette: tuple | None = None,
+                 emission: float = 0.0) -> int:
+        """A random material; ``palette`` (saturation, value, contrast) overrides the style's."""
         s = self.style
         sat, val, contrast = ((s.wall_saturation, s.wall_value, s.wall_contrast) if wall
                               else (s.saturation, s.value, s.contrast))
+        if palette is not None:
+            sat, val, contrast = palette
         kind = _choose(self.rng, textures)
         a = self.colour(sat, val)
         if kind in ("checker", "stripes"):   # two palette colours
@@ -108,7 +131,7 @@ class _Builder:
             kind=kind, colour_a=a, colour_b=b, scale=_uniform(self.rng, s.texture_scale),
             axis=tuple(float(x) for x in axis / np.linalg.norm(axis)),
             offset=tuple(float(x) for x in self.rng.uniform(0, 10, 3)),
-            seed=int(self.rng.integers(2**31))))
+            seed=int(self.rng.integers(2**31)), emission=emission))
         return len(self.materials) - 1
 
     def box(self, lo: list[float], hi: list[float], cls: str, inst: int, mat: int) -> None:
@@ -138,7 +161,13 @@ _SIZES: dict[str, tuple[tuple[float, float], ...]] = {   # metres, before style 
     "cabinet": ((0.4, 1.2), (0.4, 0.7), (0.5, 1.3)),
     "sphere": ((0.24, 0.7),),                                 # diameter
     "cylinder": ((0.24, 0.6), (0.3, 1.2)),                    # diameter, height
+    "chair": ((0.42, 0.52), (0.42, 0.52), (0.8, 0.95)),       # height: top of the back
+    "sofa": ((1.5, 2.4), (0.8, 0.95), (0.75, 0.9)),
+    "desk": ((1.0, 1.6), (0.55, 0.8), (0.72, 0.76)),
+    "wardrobe": ((0.8, 1.6), (0.5, 0.65), (1.8, 2.2)),
+    "counter": ((1.2, 3.0), (0.55, 0.65), (0.86, 0.92)),
 }
+_SNAP = ("shelf", "bed", "cabinet", "sofa", "desk", "wardrobe", "counter")
 
 
 def _furniture_size(kind: str, rng: np.random.Generator, scale: float) -> tuple[float, ...]:
@@ -186,15 +215,25 @@ def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.nda
                             CLASS_IDS[kind], inst, mat))
     elif kind == "cabinet":
         b.box([x0, y0, 0], [x1, y1, h], kind, inst, mat)
+        b.surfaces.append((x0, y0, x1, y1, h, 0.6))
+        if b.style.furniture_fronts:
+            from depthkd_core.data.furnish import _against, add_fronts
+
+            add_fronts(b, r, _against(r, room) ^ 1, 0.03, h - 0.03, inst, handle=h - 0.1)
     elif kind == "table":
         leg, top = 0.06, 0.04
         b.box([x0, y0, h - top], [x1, y1, h], kind, inst, mat)
+        b.surfaces.append((x0, y0, x1, y1, h, 0.6))
         for lx, ly in ((x0, y0), (x1 - leg, y0), (x0, y1 - leg), (x1 - leg, y1 - leg)):
             b.box([lx, ly, 0], [lx + leg, ly + leg, h - top], kind, inst, mat)
     elif kind == "shelf":
         _add_shelf(b, r, min(h, room[2] - 0.2), room, inst, mat)
-    else:
+    elif kind == "bed":
         _add_bed(b, r, h, room, inst, mat)
+    else:
+        from depthkd_core.data.furnish import add_furniture
+
+        add_furniture(b, kind, r, h, room, inst, mat)
 
 
 def _add_shelf(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
@@ -212,8 +251,10 @@ def _add_shelf(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int
         b.box([bx, y0, 0], [bx + t, y1, h], "shelf", inst, mat)
         for sy in (y0, y1 - t):
             b.box([x0, sy, 0], [x1, sy + t, h], "shelf", inst, mat)
-    for z in np.linspace(0.05, h - t, int(b.rng.integers(3, 6))):
+    boards = np.linspace(0.05, h - t, int(b.rng.integers(3, 6)))
+    for z in boards:
         b.box([x0, y0, z], [x1, y1, z + t], "shelf", inst, mat)
+        b.surfaces.append((x0 + t, y0 + t, x1 - t, y1 - t, z + t, boards[1] - boards[0] - 2 * t))
 
 
 def _add_bed(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
@@ -245,15 +286,31 @@ def make_scene(style: SceneStyle, rng: np.random.Generator) -> Scene:
     room_materials = [wall] * 4 + [b.material(style.floor_textures),
                                    b.material((("flat", 1.0),), wall=True)]
     taken: list[np.ndarray] = []
+    kept: list[np.ndarray] = []   # reserved floor (in front of doors) is not furniture
+    if style.wall_items[1] > 0:
+        from depthkd_core.data.furnish import add_wall_items
+
+        kept = add_wall_items(b, size, taken)
     for _ in range(int(rng.integers(style.n_objects[0], style.n_objects[1] + 1))):
         kind = _choose(rng, style.furniture)
         w, d, h = _furniture_size(kind, rng, _uniform(rng, style.size_scale))
         if rng.uniform() < 0.5:
             w, d = d, w
-        rect = _place(rng, size, w, d, kind in ("shelf", "bed", "cabinet"), taken)
+        rect = _place(rng, size, w, d, kind in _SNAP, taken)
         if rect is not None:
-            _add_furniture(b, kind, rect, h, size, inst=N_ROOM_FACES + 1 + len(taken))
+            _add_furniture(b, kind, rect, h, size, inst=b.new_instance())
             taken.append(rect)
+            if kind in ("table", "desk") and style.chairs_at_tables:
+                from depthkd_core.data.furnish import add_chairs
+
+                add_chairs(b, rect, size, taken)
+    taken = [r for r in taken if not any(r is k for k in kept)]
+    if style.lights != (1, 1) or style.clutter[1] > 0:
+        from depthkd_core.data.furnish import add_clutter, add_lamps
+
+        add_clutter(b, size, taken)
+        light = add_lamps(b, size)
+        return b.build(size, room_materials, light, taken)
     if style.light == "point":
         light = np.array([size[0] * rng.uniform(0.3, 0.7), size[1] * rng.uniform(0.3, 0.7),
                           size[2] - 0.15])
@@ -274,24 +331,66 @@ def clearance(scene: Scene, xy: np.ndarray) -> np.ndarray:
     return np.minimum(walls, np.hypot(dx, dy).min(axis=1))
 
 
-def sample_pose(scene: Scene, rng: np.random.Generator, margin: float = 0.6) -> CameraPose:
-    """A camera at least ``margin`` from walls and furniture (or as far as the room allows),
+def _near_wall_view(scene: Scene, rng: np.random.Generator,
+                    margin: float) -> tuple[float, ...] | None:
+    """Camera 0.3-1.2 m in front of a free stretch of wall (``margin`` from furniture),
+    target across the room (None if no such spot was found)."""
+    size = scene.size
+    xy = rng.uniform(0, 1, (256, 2)) * size[:2]
+    wall = rng.integers(4, size=256)
+    inset = rng.uniform(0.3, 1.2, 256)
+    xy[:, 0] = np.where(wall == 0, inset, np.where(wall == 1, size[0] - inset, xy[:, 0]))
+    xy[:, 1] = np.where(wall == 2, inset, np.where(wall == 3, size[1] - inset, xy[:, 1]))
+    free = np.where(clearance(scene, xy) >= margin, inset, -1)   # clear of furniture
+    if free.max() < 0:
+        return None
+    x, y = xy[int(np.argmax(free))]
+    far = rng.uniform(0.45, 0.95, 2) * size[:2]                # in the far half of the room
+    tx = far[0] if x < size[0] / 2 else size[0] - far[0]
+    ty = far[1] if y < size[1] / 2 else size[1] - far[1]
+    return float(x), float(y), float(tx), float(ty)
+
+
+def sample_pose(scene: Scene, rng: np.random.Generator, margin: float | None = None,
+                style: SceneStyle | None = None) -> CameraPose:
+    """A camera at least ``margin`` (default: the style's ``camera_margin``, else 0.6 m)
+    from walls and furniture (or as far as the room allows),
     1.1-1.6 m high, aimed (with 15 and 5 degree jitter) at a point 0.3-1.0 m above the
     floor inside a piece of furniture (or, one time in ten, anywhere in the room);
-    pitch is kept within 5 degrees up to 30 down, so the view stays roughly level."""
-    xy = rng.uniform(0, 1, (256, 2)) * scene.size[:2]
-    free = clearance(scene, xy)
-    ok = np.flatnonzero(free >= margin)
-    x, y = xy[ok[0]] if len(ok) else xy[np.argmax(free)]
-    z = _uniform(rng, (1.1, 1.6))
-    tx, ty = rng.uniform(0, 1, 2) * scene.size[:2]
-    if len(scene.footprints) and rng.uniform() < 0.9:
-        f = scene.footprints[rng.integers(len(scene.footprints))]
-        tx, ty = rng.uniform(f[0], f[2]), rng.uniform(f[1], f[3])
+    pitch is kept within 5 degrees up to 30 down, so the view stays roughly level.
+
+    A ``style`` may change the height and pitch ranges, roll the camera, and place a
+    share of the views near a wall looking across the room (``camera_near_wall``)."""
+    height, (lo, hi) = (1.1, 1.6), (-5.0, 30.0)
+    if style is not None:
+        height, (lo, hi) = style.camera_height, style.camera_pitch
+    if margin is None:
+        margin = 0.6 if style is None else style.camera_margin
+    near_wall = style is not None and style.camera_near_wall > 0 \
+        and rng.uniform() < style.camera_near_wall
+    view = _near_wall_view(scene, rng, max(0.25, margin - 0.35)) if near_wall else None
+    if view is not None:
+        x, y, tx, ty = view
+        z = _uniform(rng, height)
+    else:
+        xy = rng.uniform(0, 1, (256, 2)) * scene.size[:2]
+        free = clearance(scene, xy)
+        ok = np.flatnonzero(free >= margin)
+        x, y = xy[ok[0]] if len(ok) else xy[np.argmax(free)]
+        z = _uniform(rng, height)
+        tx, ty = rng.uniform(0, 1, 2) * scene.size[:2]
+        if len(scene.footprints) and rng.uniform() < 0.9:
+            f = scene.footprints[rng.integers(len(scene.footprints))]
+            tx, ty = rng.uniform(f[0], f[2]), rng.uniform(f[1], f[3])
     yaw = math.atan2(ty - y, tx - x) + rng.normal(0, math.radians(15))
     down = math.atan2(z - rng.uniform(0.3, 1.0), math.hypot(tx - x, ty - y))
-    pitch = np.clip(down + rng.normal(0, math.radians(5)), math.radians(-5), math.radians(30))
-    return CameraPose(position=(float(x), float(y), z), yaw=float(yaw), pitch=float(pitch))
+    pitch = np.clip(down + rng.normal(0, math.radians(5)), math.radians(lo), math.radians(hi))
+    roll = 0.0
+    if style is not None and style.camera_roll > 0:
+        roll = float(np.clip(rng.normal(0, style.camera_roll), -3 * style.camera_roll,
+                             3 * style.camera_roll))
+    return CameraPose(position=(float(x), float(y), z), yaw=float(yaw), pitch=float(pitch),
+                      roll=math.radians(roll))
 
 
 def sample_intrinsics(style: SceneStyle, rng: np.random.Generator, width: int,

@@ -43,7 +43,7 @@ def render_frame(style: str | SceneStyle, seed: int, height: int = 240,
     rng = np.random.default_rng(seed)
     scene = make_scene(style, rng)
     K = sample_intrinsics(style, rng, width, height)
-    pose = sample_pose(scene, rng)
+    pose = sample_pose(scene, rng, style=style)
     return render_view(scene, pose, K, style, rng, name=f"{style.name}_{seed}")
 
 
@@ -62,7 +62,7 @@ def render_sequence(style: str | SceneStyle, seed: int, n: int, height: int = 24
     scene = make_scene(style, rng)
     K = sample_intrinsics(style, rng, width, height)
     radius = 0.3
-    start = sample_pose(scene, rng, margin=0.6 + 2 * radius)
+    start = sample_pose(scene, rng, margin=style.camera_margin + 2 * radius, style=style)
     phase = rng.uniform(0, 2 * math.pi)
     turn = rng.choice([-1.0, 1.0]) * rng.uniform(math.radians(30), math.radians(60))
     frames = []
@@ -71,7 +71,8 @@ def render_sequence(style: str | SceneStyle, seed: int, n: int, height: int = 24
         x = start.position[0] + radius * (math.cos(angle) - math.cos(phase))
         y = start.position[1] + radius * (math.sin(angle) - math.sin(phase))
         pose = CameraPose(position=(x, y, start.position[2]), yaw=start.yaw + s * turn,
-                          pitch=start.pitch + math.radians(3) * math.sin(2 * math.pi * s))
+                          pitch=start.pitch + math.radians(3) * math.sin(2 * math.pi * s),
+                          roll=start.roll)
         noise_rng = np.random.default_rng([seed, i])
         frames.append(render_view(scene, pose, K, style, noise_rng,
                                   name=f"{style.name}_{seed}_{i:06d}"))

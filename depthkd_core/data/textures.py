@@ -69,7 +69,32 @@ def pattern(material: Material, points: np.ndarray) -> np.ndarray:
         radial = np.linalg.norm(q - np.outer(q @ axis, axis), axis=1)
         rings = (radial * 3.0 + 1.5 * fbm(q * 0.7, material.seed)) % 1.0
         return (rings**3).astype(np.float32)
+    if kind == "planks":
+        return _planks(q, axis, material.seed)
+    if kind == "tiles":
+        # Square tiles in the horizontal plane (floors) with dark grout lines.
+        cell = q[:, :2] - np.floor(q[:, :2])
+        grout = (np.minimum(cell, 1 - cell) < 0.025).any(axis=1)
+        return np.where(grout, np.float32(1), 0.25 * fbm(q * 4, material.seed)).astype(np.float32)
     raise ValueError(f"unknown texture kind {kind!r}")
+
+
+def _planks(q: np.ndarray, axis: np.ndarray, seed: int) -> np.ndarray:
+    """Floor boards along the horizontal grain ``axis``: boards 1/scale wide and 4-8 times as
+    long, staggered, each a little lighter or darker, with grain and dark seams."""
+    along = np.array([axis[0], axis[1], 0.0]) / max(np.hypot(axis[0], axis[1]), 1e-9)
+    u = q @ along                                      # along the boards
+    v = q @ np.array([-along[1], along[0], 0.0])       # across the boards
+    board = np.floor(v)
+    shift = _LATTICE[(board.astype(np.int64) + seed) % _LATTICE.size]
+    length = 6.0
+    row = np.floor(u / length + shift)
+    seam = (np.minimum(v - board, 1 - (v - board)) < 0.03) \
+        | ((u / length + shift - row) * length < 0.05)
+    tone = _LATTICE[((board * 7 + row * 13).astype(np.int64) + seed) % _LATTICE.size]
+    grain = fbm(np.stack([u * 0.5, v * 8.0, q[:, 2]], axis=1), seed)
+    t = 0.45 * tone + 0.35 * grain
+    return np.where(seam, np.float32(1), t).astype(np.float32)
 
 
 def albedo(materials: list[Material], material_ids: np.ndarray, points: np.ndarray) -> np.ndarray:
