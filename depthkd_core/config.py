@@ -134,7 +134,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = parse_yaml(raw)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override '{item}': the value is not valid YAML ({exc.problem}; "
+                             "quote a value holding brackets inside a list)") from None
     return data
 
 

@@ -81,6 +81,9 @@ def test_bad_override_syntax() -> None:
         apply_overrides({}, ["inner..lr=1"])
     with pytest.raises(ValueError, match="'root' is not a section"):
         apply_overrides({"root": "x"}, ["root.sub=1"])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        apply_overrides({}, ["overrides=[a=1,b=[1,2]]"])
+    assert apply_overrides({}, ["overrides=[a=1,'b=[1,2]']"]) == {"overrides": ["a=1", "b=[1,2]"]}
 
 
 def test_saved_config_round_trip(tmp_path: Path) -> None:
