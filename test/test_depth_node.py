@@ -577,24 +577,35 @@ def test_hot_swap_under_a_stream(ros: Any) -> None:
 
 
 @needs_fastdepth
+def _settled(stats: dict) -> dict | None:
+    """The counters when every received frame is accounted for (none in flight)."""
+    accounted = stats["processed"] + stats["dropped"] + stats["skipped"] + stats["unwanted"]
+    return stats if stats["received"] == accounted else None
+
+
 def test_newest_frame_only_drops_and_counts(ros: Any) -> None:
     node: DepthNode = ros["nodes"]["fast"]
     h: Harness = ros["harness"]["fast"]
     rgb = _tum_rgb()
     h.set_camera_info(_info(Intrinsics(525.0, 525.0, 319.5, 239.5, rgb.shape[1], rgb.shape[0])))
-    time.sleep(0.3)  # let any earlier frame finish
-    before = node.stats.snapshot()
+    before = wait_until(lambda: _settled(node.stats.snapshot()), what="earlier frames to finish")
     stamps = [h.send(rgb_to_image(rgb)) for _ in range(30)]  # far faster than inference
     last = h.wait("depth", stamps[-1], timeout=15.0)  # the newest frame is never dropped
     assert last.header.stamp.sec == stamps[-1][0]
-    time.sleep(0.3)
-    after = node.stats.snapshot()
+
+    def delivered() -> tuple[dict, list] | None:
+        after = node.stats.snapshot()
+        outputs = [m for m in h.msgs["depth"] if m.header.stamp.sec >= stamps[0][0]]
+        done = after["processed"] - before["processed"]
+        return (after, outputs) if _settled(after) and len(outputs) == done else None
+
+    # a published map reaches the test's subscriber a moment after the counter moves
+    after, outputs = wait_until(delivered, what="every processed frame's depth to arrive")
     received = after["received"] - before["received"]
     processed = after["processed"] - before["processed"]
     dropped = after["dropped"] - before["dropped"]
     assert dropped > 0
     assert processed + dropped == received  # nothing is queued: each frame is run or dropped
-    outputs = [m for m in h.msgs["depth"] if m.header.stamp.sec >= stamps[0][0]]
     assert len(outputs) == processed < 30
     assert after["published"]["points"] == 0  # nobody subscribed to points: no cloud built
 
