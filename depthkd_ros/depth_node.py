@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import InvalidHandle
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
@@ -263,8 +264,16 @@ class DepthNode(SetupNode):
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
     def _match_inputs(self) -> None:
-        for subscription in self._inputs:
-            subscription.match()
+        # The timer can fire while the node is being destroyed; an exception here would end
+        # the executor's spin for every node it serves.
+        if self._stop.is_set():
+            return
+        try:
+            for subscription in self._inputs:
+                subscription.match()
+        except InvalidHandle:
+            if not self._stop.is_set():
+                raise
 
     # -- callbacks: store the newest message only ------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
