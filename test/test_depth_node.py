@@ -626,6 +626,15 @@ def test_a_frame_in_flight_at_shutdown_ends_quietly(ros: Any) -> None:
         node.destroy_node()
 
 
+def test_auto_qos_timer_during_destruction_is_quiet(ros: Any) -> None:
+    """The auto-QoS timer can fire while destroy_node runs; its InvalidHandle used to escape
+    into the shared executor and stop it spinning every other node."""
+    node = DepthNode(context=ros["context"], namespace="destroyed", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
+    node.destroy_node()
+    node._match_inputs()  # noqa: SLF001 - the timer's callback, after destruction
+
+
 def test_startup_validation(ros: Any) -> None:
     ctx = ros["context"]
     ramp = str(ros["models"] / "ramp.onnx")
