@@ -88,20 +88,21 @@ def _git_commit() -> str | None:
         return None
 
 
-def sim_figures(student_onnx: Path, teacher: str, data: Path, limit: int,
-                height: int, width: int) -> dict[str, float]:
-    """Agreement with the teacher and accuracy against the rendered depth on held-out frames."""
-    from depthkd_core.data import DepthDataset, build_reader
-    from depthkd_core.evaluate.report import evaluate_model
+def sim_figures(student_onnx: Path, teacher: str, data: Path, height: int,
+                width: int) -> dict[str, float]:
+    """Agreement with the teacher and accuracy against the rendered depth on held-out frames
+    (bench-real's ``judge``, one pass over the frames)."""
+    from depthkd_core.bench.real import RealSet, frames_of, judge
     from depthkd_core.models.teachers import load_teacher
 
-    model, reference = load_teacher(student_onnx), load_teacher(teacher)
-    dataset = DepthDataset(build_reader("sim", data), height, width)
-    kwargs = dict(min_depth=0.1, max_depth=10.0, limit=limit, progress=False)
-    agree = evaluate_model(model, dataset, reference=reference, **kwargs)
-    truth = evaluate_model(model, dataset, **kwargs)
-    return {"agree_abs_rel": agree["abs_rel"], "agree_delta1": agree["delta1"],
-            "gt_abs_rel": truth["abs_rel"], "gt_delta1": truth["delta1"], "frames": agree["count"]}
+    frames = frames_of(RealSet("held_out", "sim", str(data)), height, width)
+    return judge(load_teacher(student_onnx), load_teacher(teacher), frames, 0.1, 10.0)
+
+
+def command_line(config: Path | str, overrides: list[str], install: Path | None = None) -> str:
+    """The `depthkd make-student` call that runs ``config`` with ``overrides`` (provenance)."""
+    return " ".join(["depthkd make-student --config", str(config), *overrides]
+                    + ([] if install is None else ["--install", str(install)]))
 
 
 def make_student(recipe: StudentRecipe, command: str) -> Path:
@@ -137,8 +138,8 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     if not report.passed:
         raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
     copy_atomic(final, out / "student.pt")
-    figures = sim_figures(out / "student.onnx", recipe.teacher, val, recipe.val_frames,
-                          recipe.sim_height, recipe.sim_width)
+    figures = sim_figures(out / "student.onnx", recipe.teacher, val, recipe.sim_height,
+                          recipe.sim_width)
     provenance = {
         "made_by": "depthkd make-student", "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
@@ -183,9 +184,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     recipe = load_config(StudentRecipe, args.config, args.overrides)
-    command = " ".join(["depthkd make-student --config", str(args.config), *args.overrides]
-                       + ([] if args.install is None else ["--install", str(args.install)]))
-    out = make_student(recipe, command)
+    out = make_student(recipe, command_line(args.config, args.overrides, args.install))
     summary = json.loads((out / "student.json").read_text())
     print(json.dumps({"out": str(out), "held_out_sim": summary["held_out_sim"],
                       "wall_time_s": summary["wall_time_s"]}, indent=1))

@@ -32,7 +32,8 @@ from depthkd_core.evaluate.report import model_cost, to_markdown
 
 @dataclass
 class RealSet:
-    """Real frames with ground truth: ``reader`` key and its ``root``."""
+    """Frames with ground truth (real ones here; the recipe's held-out simulated set too):
+    ``reader`` key and its ``root``."""
 
     name: str
     reader: str
@@ -83,7 +84,7 @@ def _own_shape(model: Any, cfg: RealBenchConfig) -> tuple[int, int, int, int]:
     return (1, 3, *(model.input_size or (cfg.height, cfg.width)))
 
 
-def _frames(real: RealSet, height: int, width: int) -> list[dict[str, torch.Tensor]]:
+def frames_of(real: RealSet, height: int, width: int) -> list[dict[str, torch.Tensor]]:
     from depthkd_core.data import DepthDataset, build_reader
 
     dataset = DepthDataset(build_reader(real.reader, real.root), height, width)
@@ -127,18 +128,18 @@ def judge_on_real_sets(model_path: str | Path, teacher_path: str | Path | None =
         return {}
     model = load_teacher(model_path)
     teacher = load_teacher(teacher_path) if teacher_path is not None else None
-    return {s.name: judge(model, teacher, _frames(s, height, width), min_depth, max_depth)
+    return {s.name: judge(model, teacher, frames_of(s, height, width), min_depth, max_depth)
             for s in present}
 
 
 def make_missing(rows: list[RealRow]) -> None:
     """Run the recipe of every row whose model file does not exist yet (each resumes)."""
-    from depthkd_core.recipe import StudentRecipe, make_student
+    from depthkd_core.recipe import StudentRecipe, command_line, make_student
 
     for row in rows:
         if not Path(row.model).exists() and row.recipe is not None:
             recipe = load_config(StudentRecipe, row.recipe, row.overrides)
-            make_student(recipe, f"depthkd make-student --config {row.recipe} {' '.join(row.overrides)}")
+            make_student(recipe, command_line(row.recipe, row.overrides))
             if not Path(row.model).exists():
                 raise ValueError(f"row '{row.name}': its recipe made {recipe.out_dir}, not {row.model}")
 
@@ -153,7 +154,7 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             "missing models: " + "; ".join(f"{r.name}: {r.model}" for r in missing)
             + " (depthkd bench-real --make runs the rows' recipes)")
     teacher = load_teacher(cfg.teacher)
-    sets = {s.name: _frames(s, cfg.height, cfg.width) for s in cfg.sets}
+    sets = {s.name: frames_of(s, cfg.height, cfg.width) for s in cfg.sets}
     teacher_ms = model_cost(teacher, _own_shape(teacher, cfg), cfg.latency_runs)["latency_ms"]
     results = []
     for row in cfg.rows:
