@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FASTDEPTH = SHARED / "models" / "fastdepth" / "fast_depth_224.onnx"
 TUM = SHARED / "data" / "tum_sample"
 REDWOOD = SHARED / "data" / "redwood_sample"
+
+
+def ros_domain(base: int) -> int:
+    """A ROS_DOMAIN_ID unique to one test module (``base``), shifted by
+    DEPTHKD_TEST_DOMAIN_OFFSET so suites run side by side (two checkouts) never cross."""
+    return base + int(os.environ.get("DEPTHKD_TEST_DOMAIN_OFFSET", "0"))
+
+
 # The smallest widths FastDepthNet accepts (skip additions need equal widths).
 TINY_FASTDEPTH = {"encoder_channels": (8,) * 14, "decoder_channels": (8,) * 5}
 

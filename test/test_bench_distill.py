@@ -12,7 +12,7 @@ pytest.importorskip("uvicorn")
 
 from depthkd_core.cli import main
 
-from helpers import FASTDEPTH
+from helpers import FASTDEPTH, ros_domain
 
 
 def test_refuses_missing_teacher_and_bad_duration(tmp_path: Path,
@@ -30,7 +30,7 @@ def test_refuses_missing_teacher_and_bad_duration(tmp_path: Path,
 def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
     assert main(["bench-distill", "--teacher", str(FASTDEPTH), "--minutes", "0.3", "--steps", "5",
-                 "--min-new", "4", "--out", str(out), "--domain-id", "62"]) == 0
+                 "--min-new", "4", "--out", str(out), "--domain-id", str(ros_domain(62))]) == 0
     report = json.loads(out.read_text())
     assert report["keyframes"] >= 4 and report["keyframes_per_s"] > 0
     assert report["labelled"] >= 4 and report["teacher_rtt_ms"]["mean_ms"] > 0

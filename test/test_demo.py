@@ -19,8 +19,9 @@ from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
 from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402
 from depthkd_ros.distill_node import PACKAGED_CHECKPOINT, student_checkpoint  # noqa: E402
+from helpers import ros_domain  # noqa: E402
 
-DEMO_DOMAIN, BENCH_DOMAIN = 52, 53
+DEMO_DOMAIN, BENCH_DOMAIN = ros_domain(52), ros_domain(53)
 
 
 # The packaged FastDepth student: 1.35 M float32 parameters, 5.2 MiB as ONNX or checkpoint.

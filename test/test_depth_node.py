@@ -42,9 +42,9 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      stamp_ns)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 from depthkd_ros.node_params import matching_reliability  # noqa: E402
-from helpers import FASTDEPTH, TUM, wait_until, write_linear_onnx  # noqa: E402
+from helpers import FASTDEPTH, TUM, ros_domain, wait_until, write_linear_onnx  # noqa: E402
 
-DOMAIN_ID = 47  # unique per test module so parallel runs never cross
+DOMAIN_ID = ros_domain(47)  # unique per test module so parallel runs never cross
 REPO = Path(__file__).resolve().parents[1]
 QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 H, W = 48, 64

@@ -38,7 +38,7 @@ from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
     token_file,
     wait_until,
 )
-from helpers import write_linear_onnx  # noqa: E402
+from helpers import ros_domain, write_linear_onnx  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
 from depthkd_core.online.keyframes import KeyframeStore, StoreFullError  # noqa: E402
@@ -46,7 +46,7 @@ from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E4
 from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 
-DOMAIN_ID = 57
+DOMAIN_ID = ros_domain(57)
 
 
 def test_start_up_validation_names_the_parameter(ros: Ros, tmp_path: Path) -> None:

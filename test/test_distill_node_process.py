@@ -39,12 +39,13 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from depthkd_core.models.teachers import Teacher  # noqa: E402
+from helpers import ros_domain  # noqa: E402
 from depthkd_core.online.keyframes import KeyframeStore  # noqa: E402
 from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
 from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 
-DOMAIN_ID, E2E_DOMAIN_ID = 58, 59  # one per module / context, so parallel runs never cross
+DOMAIN_ID, E2E_DOMAIN_ID = ros_domain(58), ros_domain(59)  # one per module / context, so parallel runs never cross
 
 
 class DomainTeacher(Teacher):

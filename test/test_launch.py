@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import ros_domain
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "depth.launch.py"
 PARAMS_YAML = REPO / "config" / "depth.yaml"
 RVIZ = REPO / "config" / "depthkd.rviz"
 DOC = REPO / "docs" / "depth_node.md"
-DOMAIN_ID = 49
+DOMAIN_ID = ros_domain(49)
 
 
 class _Recorder:

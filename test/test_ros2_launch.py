@@ -28,11 +28,11 @@ from depthkd_core.data import SimFolder  # noqa: E402
 from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PARAMS  # noqa: E402
 from depthkd_ros.harness import CameraPlayer  # noqa: E402
-from helpers import FASTDEPTH, wait_until  # noqa: E402
+from helpers import FASTDEPTH, ros_domain, wait_until  # noqa: E402
 from ros_launch import REPO, Workspace, needs_ros_tools  # noqa: E402
 
 pytestmark = [pytest.mark.ros, needs_ros_tools]
-DOMAIN_ID = 45  # unique per test module so parallel runs never cross
+DOMAIN_ID = ros_domain(45)  # unique per test module so parallel runs never cross
 START_S = 60.0  # a cold node start (rclpy, onnxruntime, DDS discovery) on 2 busy cores
 YAML = yaml.safe_load((REPO / "config" / "depth.yaml").read_text())["/**"]["ros__parameters"]
 TYPES = {"depth": "sensor_msgs/msg/Image", "depth/camera_info": "sensor_msgs/msg/CameraInfo",
