@@ -1,6 +1,6 @@
 """depthkd core: knowledge distillation for small monocular depth networks.
 
-Importing this package (and ``geometry``, ``evaluate.metrics``, ``export.runtime``)
+Importing this package (and ``geometry``, ``evaluate.metrics``, ``runtime``)
 never imports torch or rclpy, so the live ROS node stays light.
 """
 

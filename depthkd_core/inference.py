@@ -2,7 +2,7 @@
 
 RGB frame + intrinsics (+ optional sparse metric depth) -> metric depth with NaN
 for invalid pixels, the intrinsics of that depth image, and stage timings. Only
-numpy, OpenCV and onnxruntime (through ``depthkd_core.export.runtime``): no
+numpy, OpenCV and onnxruntime (through ``depthkd_core.runtime``): no
 torch, no rclpy, so a robot starts it fast.
 """
 
@@ -26,7 +26,7 @@ _STRIDE = 32
 
 
 class DepthModel(Protocol):
-    """What the estimator needs from ``depthkd_core.export.runtime.OnnxDepthModel``."""
+    """What the estimator needs from ``depthkd_core.runtime.OnnxDepthModel``."""
 
     @property
     def input_size(self) -> tuple[int, int] | None: ...

@@ -22,7 +22,7 @@ import numpy as np
 from rclpy.serialization import serialize_message
 
 from depthkd_core.data.readers import SimFolder
-from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.inference import DepthEstimator, EstimatorConfig, build_point_cloud
 from depthkd_ros.conversions import (depth_to_image, image_to_rgb, points_to_pointcloud2,
                                      rgb_to_image)

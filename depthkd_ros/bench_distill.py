@@ -78,7 +78,7 @@ def _timed(fn: Callable[..., Any], log: list[tuple[float, Any]]) -> Callable[...
 
 def holdout_abs_rel(store_dir: Path, models: dict[str, Path]) -> dict[str, float | None]:
     """AbsRel vs the stored teacher depth on the store's held-out keyframes, per model."""
-    from depthkd_core.export.runtime import OnnxDepthModel
+    from depthkd_core.runtime import OnnxDepthModel
     from depthkd_core.online.gate import evaluate_against_teacher
     from depthkd_core.online.keyframes import KeyframeStore
 

@@ -22,7 +22,7 @@ from rclpy.exceptions import InvalidHandle
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry import colorize_depth
 from depthkd_core.inference import (
     ALIGNMENTS,

@@ -29,7 +29,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 
 from depthkd_core.geometry import Intrinsics
-from depthkd_core.models.teachers import Teacher
+from depthkd_core.models.teacher_base import Teacher
 from depthkd_core.serving.server import BackgroundServer, create_app
 from depthkd_ros import distill_node as dn
 from depthkd_ros.conversions import rgb_to_image

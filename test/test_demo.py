@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ros
 
 from depthkd_core.cli import main  # noqa: E402
 from depthkd_core.data.readers import SimFolder  # noqa: E402
-from depthkd_core.export.runtime import OnnxDepthModel  # noqa: E402
+from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
 from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402

@@ -38,7 +38,7 @@ from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from depthkd_core.models.teachers import Teacher  # noqa: E402
+from depthkd_core.models.teacher_base import Teacher  # noqa: E402
 from helpers import ros_domain  # noqa: E402
 from depthkd_core.online.keyframes import KeyframeStore  # noqa: E402
 from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402

@@ -14,7 +14,7 @@ from torch import nn
 
 from depthkd_core.cli import main
 from depthkd_core.export.onnx_export import FP32_TOLERANCE, ParityReport, export_onnx
-from depthkd_core.export.runtime import OnnxDepthModel, create_session
+from depthkd_core.runtime import OnnxDepthModel, create_session
 from depthkd_core.models import ModelConfig, build_model, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

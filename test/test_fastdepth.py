@@ -11,7 +11,7 @@ import torch
 from helpers import FASTDEPTH, TINY_FASTDEPTH, TUM, save_tiny_fastdepth_onnx
 from onnx import TensorProto, helper
 
-from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.models import (MODELS, ModelConfig, OnnxTorchTeacher, build_model, load_checkpoint,
                                  load_teacher, save_checkpoint)
 from depthkd_core.models.onnx_torch import fold_weight_dequantize, onnx_to_torch

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry import Intrinsics
 from depthkd_core.inference import (DepthEstimator, EstimatorConfig, build_point_cloud,
                                     decimated_intrinsics, sample_at_sparse)

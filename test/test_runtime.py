@@ -1,4 +1,4 @@
-"""export.runtime: provider choice, errors, OnnxDepthModel on real and built models."""
+"""runtime: provider choice, errors, OnnxDepthModel on real and built models."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from depthkd_core.export.runtime import OnnxDepthModel, create_session
+from depthkd_core.runtime import OnnxDepthModel, create_session
 
 REPO = Path(__file__).resolve().parents[1]
 from helpers import FASTDEPTH, TUM
@@ -43,7 +43,7 @@ def _mean_model(path: Path, keepdims: bool, height=None, width=None) -> Path:
 
 @needs_fastdepth
 def test_auto_picks_cpu_here_and_logs(caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="depthkd_core.export.runtime"):
+    with caplog.at_level(logging.INFO, logger="depthkd_core.runtime"):
         session, provider = create_session(FASTDEPTH, "auto", intra_op_num_threads=1)
     assert provider == "CPUExecutionProvider"
     assert session.get_providers()[0] == provider
@@ -123,7 +123,7 @@ def test_fixed_size_model_predict_resizes(tmp_path: Path) -> None:
 
 
 def test_runtime_import_has_no_torch() -> None:
-    code = ("import sys, depthkd_core.export.runtime; "
+    code = ("import sys, depthkd_core.runtime; "
             "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr or "depthkd_core.export.runtime imported torch"
+    assert result.returncode == 0, result.stderr or "depthkd_core.runtime imported torch"

@@ -1,5 +1,4 @@
-"""ONNX export (``onnx_export``, needs torch) and ONNX Runtime inference (``runtime``).
+"""ONNX export with a parity check (``onnx_export``, needs torch).
 
-Nothing is imported here: ``depthkd_core.export.runtime`` must load without
-torch for the live ROS node.
+The torch-free runtime that runs the exported files is ``depthkd_core.runtime``.
 """

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from depthkd_core.export.runtime import create_session
+from depthkd_core.runtime import create_session
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2

@@ -39,7 +39,7 @@ from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import DepthNet, Teacher
 from depthkd_core.models.encoders import _family
 from depthkd_core.models.fam import FeatureAcclimation, GhostDecoder, nearest_stage
-from depthkd_core.models.teachers import resize
+from depthkd_core.models.teacher_base import resize
 from depthkd_core.train.trainer import build_optimizer
 
 AUX = "loss_aux"

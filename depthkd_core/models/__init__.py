@@ -6,8 +6,9 @@ from .depthnet import MODELS, DepthNet, build_model
 from .fastdepth import FastDepthNet
 from .heads import HEADS, dpm_centers
 from .hf_teacher import HuggingFaceTeacher
-from .teachers import (CachedTeacher, CheckpointTeacher, OnnxTeacher, OnnxTorchTeacher, Teacher,
-                       TorchScriptTeacher, load_teacher)
+from .teacher_base import Teacher
+from .teachers import (CachedTeacher, CheckpointTeacher, OnnxTeacher, OnnxTorchTeacher, TorchScriptTeacher,
+                       load_teacher)
 
 __all__ = [
     "ModelConfig", "MODELS", "HEADS", "DepthNet", "FastDepthNet", "build_model", "dpm_centers",

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .depthnet import MODELS
-from .teachers import resize
+from .teacher_base import resize
 
 # MobileNet v1 at width 1.0 (the FastDepth paper's encoder) and NNConv5's decoder.
 ENCODER_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)

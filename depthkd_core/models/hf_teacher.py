@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .teachers import Teacher, _freeze
+from .teacher_base import Teacher, freeze
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HuggingFaceTeacher(Teacher):
             model = AutoModelForDepthEstimation.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"cannot load Hugging Face depth model from {folder}: {exc}") from None
-        self.module = _freeze(model.to(device))
+        self.module = freeze(model.to(device))
         self.name = f"{folder.name} ({config.model_type})"
         self.is_metric = (getattr(config, "depth_estimation_type", None) == "metric"
                           or config.model_type in METRIC_MODEL_TYPES)

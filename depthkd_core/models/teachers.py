@@ -1,7 +1,7 @@
-"""Teachers: any depth predictor behind one call, ``teacher(images) -> depth``.
+"""Teacher loaders: a checkpoint, TorchScript, ONNX or Hugging Face folder behind the
+one call of ``teacher_base.Teacher``, ``teacher(images) -> depth``.
 
-``images`` are (B,3,H,W) RGB in [0,1]; the result is (B,1,H,W) at the input
-size. Torch teachers are frozen (eval, no parameter grads) but keep the graph
+Torch teachers are frozen (eval, no parameter grads) but keep the graph
 to their input, so methods that need d(teacher)/d(image) (DFAD) can use them;
 wrap calls in ``torch.no_grad()`` otherwise.
 """
@@ -15,73 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..atomic import atomic_open
 from .checkpoint import load_checkpoint
-
-
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B,C,H,W); antialiased when shrinking."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] * size[1] < x.shape[-2] * x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def round_size(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """Nearest (H, W) that are positive multiples of ``multiple``."""
-    return (max(multiple, round(height / multiple) * multiple),
-            max(multiple, round(width / multiple) * multiple))
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for param in module.parameters():  # ScriptModules lack requires_grad_()
-        param.requires_grad_(False)
-    return module
-
-
-class Teacher:
-    """Base: subclasses set the attributes and implement ``_predict`` at a size
-    they choose; ``__call__`` validates the input and resizes the output back."""
-
-    name: str = "teacher"
-    is_metric: bool = True
-    # Relative models that predict inverse depth (disparity), e.g. DPT/Depth Anything.
-    is_inverse: bool = False
-    differentiable: bool = True
-    module: nn.Module | None = None
-    input_size: tuple[int, int] | None = None
-
-    def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _model_size(self, height: int, width: int) -> tuple[int, int]:
-        return self.input_size or round_size(height, width, 32)
-
-    def _check(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"teacher '{self.name}' expects float images (B,3,H,W), "
-                             f"got {images.dtype} {tuple(images.shape)}")
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self._check(images)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        depth = self._predict(resize(images, self._model_size(*size)))
-        if depth.dim() == 3:
-            depth = depth.unsqueeze(1)
-        return resize(depth, size)
-
-    def to(self, device: str | torch.device) -> "Teacher":
-        if self.module is not None:
-            self.module.to(device)
-        return self
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, is_metric={self.is_metric}, "
-                f"is_inverse={self.is_inverse}, differentiable={self.differentiable})")
+from .teacher_base import Teacher, freeze
 
 
 class CheckpointTeacher(Teacher):
@@ -89,7 +26,7 @@ class CheckpointTeacher(Teacher):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         model, cfg, _ = load_checkpoint(path, map_location=device)
-        self.module = _freeze(model)
+        self.module = freeze(model)
         self.name = f"{Path(path).name} ({cfg.name}/{cfg.encoder}/{cfg.head})"
         self.input_size = model.encoder.fixed_size
 
@@ -119,7 +56,7 @@ class TorchScriptTeacher(Teacher):
                 module = torch.jit.load(str(path), map_location=device)
             except Exception as exc:
                 raise ValueError(f"not a TorchScript model {path}: {exc}") from None
-        self.module = _freeze(module)
+        self.module = freeze(module)
         self.name, self.is_metric, self.input_size = path.name, is_metric, input_size
         self.is_inverse = is_inverse
 
@@ -134,7 +71,7 @@ class OnnxTeacher(Teacher):
 
     def __init__(self, path: str | Path, providers: str = "auto", is_metric: bool = True,
                  is_inverse: bool = False) -> None:
-        from ..export.runtime import OnnxDepthModel
+        from ..runtime import OnnxDepthModel
 
         self.model = OnnxDepthModel(path, providers)
         self.name, self.is_metric, self.is_inverse = Path(path).name, is_metric, is_inverse
@@ -152,12 +89,12 @@ class OnnxTorchTeacher(Teacher):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", is_metric: bool = True,
                  is_inverse: bool = False) -> None:
-        from ..export.runtime import OnnxDepthModel
+        from ..runtime import OnnxDepthModel
         from .onnx_torch import onnx_to_torch
 
         # the runtime reads the input size (and refuses a file that is no depth model)
         self.input_size = OnnxDepthModel(path, "cpu").input_size
-        self.module = _freeze(onnx_to_torch(path).to(device))
+        self.module = freeze(onnx_to_torch(path).to(device))
         self.name, self.is_metric, self.is_inverse = Path(path).name, is_metric, is_inverse
 
     def _predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from depthkd_core.evaluate.metrics import compute_depth_metrics
-from depthkd_core.export.runtime import OnnxDepthModel
+from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.models import load_checkpoint
 from depthkd_core.online.keyframes import KeyframeStore
 

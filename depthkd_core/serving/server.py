@@ -23,7 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..models.teachers import Teacher
+from ..models.teacher_base import Teacher
 from .protocol import (BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_TYPE, PayloadTooLarge,
                        TensorLimits, decode_message, encode_message, wants_binary_output)
 
