@@ -29,7 +29,7 @@ ROS = [
 ]
 # pytest 8: launch_testing (../shared/ros2_tools, or apt on a ROS install) is a pytest
 # plugin that pytest 9 refuses (PluginValidationError on every run).
-DEV = ["pytest==8.4.2", "pytest-timeout==2.4.0"]
+DEV = ["pytest==8.4.2", "pytest-timeout==2.4.0", "ruff==0.17.6"]
 SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1"]
 # What the two optional nodes need beyond the live depth_node (numpy, OpenCV, onnxruntime,
 # rclpy). package.xml names the ones that have rosdep keys (tqdm, fastapi, uvicorn);
@@ -81,5 +81,7 @@ setup(
             "distill_node = depthkd_ros.distill_node:main",
             "teacher_server = depthkd_ros.teacher_server:main",
         ],
+        # `depthkd` verbs owned by this package (depthkd_core/cli.py reads the group).
+        "depthkd.verbs": ["ros = depthkd_ros.verbs:VERBS"],
     },
 )

@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from depthkd_core.atomic import atomic_open
 from depthkd_core.bench.cache import file_sha256
@@ -92,7 +91,7 @@ def sim_figures(student_onnx: Path, teacher: str, data: Path, height: int,
                 width: int) -> dict[str, float]:
     """Agreement with the teacher and accuracy against the rendered depth on held-out frames
     (bench-real's ``judge``, one pass over the frames)."""
-    from depthkd_core.bench.real import RealSet, frames_of, judge
+    from depthkd_core.evaluate.judge import RealSet, frames_of, judge
     from depthkd_core.models.teachers import load_teacher
 
     frames = frames_of(RealSet("held_out", "sim", str(data)), height, width)

@@ -16,7 +16,7 @@ from depthkd_core.cli import main  # noqa: E402
 from depthkd_core.data.readers import SimFolder  # noqa: E402
 from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
-from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402
 from depthkd_ros.distill_node import PACKAGED_CHECKPOINT, student_checkpoint  # noqa: E402
 from helpers import ros_domain  # noqa: E402

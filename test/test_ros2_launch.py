@@ -25,9 +25,9 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 
 from depthkd_core.data import SimFolder  # noqa: E402
-from depthkd_ros.demo import PACKAGED_SEQUENCE  # noqa: E402
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PARAMS  # noqa: E402
-from depthkd_ros.harness import CameraPlayer  # noqa: E402
+from depthkd_ros.tools.harness import CameraPlayer  # noqa: E402
 from helpers import FASTDEPTH, ros_domain, wait_until  # noqa: E402
 from ros_launch import REPO, Workspace, needs_ros_tools  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""`depthkd bench`: the data-free distillation benchmark (Table II of Hu et al.), end to end.
+"""The core's benchmarks: `depthkd bench` (the data-free distillation benchmark, Table II
+of Hu et al., end to end: ``run``), `bench-real` (models on real RGB-D frames: ``real``)
+and `bench-transform` (G against per-batch optimisation: ``transform``).
 
 See docs/benchmark.md. ``run_bench(load_preset("quick"), "runs/bench/quick")``.
 """

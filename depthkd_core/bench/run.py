@@ -33,7 +33,7 @@ from depthkd_core.data import DepthDataset, build_reader
 from depthkd_core.evaluate.profile import count_macs
 from depthkd_core.evaluate.report import evaluate_model, model_cost
 from depthkd_core.methods.config import DistillConfig, load_distill_config
-from depthkd_core.methods.deepinversion import bench_transform, format_report
+from depthkd_core.bench.transform import bench_transform, format_report
 from depthkd_core.methods.engine import distill
 from depthkd_core.models import ModelConfig, build_model, load_teacher
 from depthkd_core.train.config import TrainConfig, load_train_config

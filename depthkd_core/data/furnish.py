@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depthkd_core.data.scene import _Builder, _uniform
+from depthkd_core.data.primitives import SceneBuilder, uniform
 from depthkd_core.data.styles import CLASS_IDS
 
 WOOD = (("wood", 0.6), ("noise", 0.3), ("flat", 0.1))
@@ -22,7 +22,7 @@ DARK = ((0.0, 0.1), (0.03, 0.15), (0.7, 0.95))          # screens, frames, handl
 BRIGHT = ((0.0, 0.15), (0.85, 1.0), (0.9, 1.0))         # window light, lamp panels
 
 
-def _against(r: np.ndarray, room: np.ndarray) -> int:
+def wall_side(r: np.ndarray, room: np.ndarray) -> int:
     """Side of footprint ``r`` nearest a wall: 0 x-low, 1 x-high, 2 y-low, 3 y-high."""
     x0, y0, x1, y1 = r
     return int(np.argmin([x0, room[0] - x1, y0, room[1] - y1]))
@@ -35,27 +35,27 @@ def _panel(r: np.ndarray, side: int, t: float, z0: float, z1: float) -> tuple[li
             [[x0, y0, z0], [x1, y0 + t, z1]], [[x0, y1 - t, z0], [x1, y1, z1]])[side]
 
 
-def _legs(b: _Builder, r: np.ndarray, top: float, leg: float, cls: str, inst: int,
+def _legs(b: SceneBuilder, r: np.ndarray, top: float, leg: float, cls: str, inst: int,
           mat: int) -> None:
     x0, y0, x1, y1 = r
     for lx, ly in ((x0, y0), (x1 - leg, y0), (x0, y1 - leg), (x1 - leg, y1 - leg)):
         b.box([lx, ly, 0], [lx + leg, ly + leg, top], cls, inst, mat)
 
 
-def add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.ndarray,
+def add_furniture(b: SceneBuilder, kind: str, r: np.ndarray, h: float, room: np.ndarray,
                   inst: int, mat: int) -> None:
     """Primitives of a chair, sofa, desk, wardrobe or kitchen counter on footprint ``r``."""
     x0, y0, x1, y1 = r
-    side = _against(r, room)
+    side = wall_side(r, room)
     if kind == "chair":
-        seat = _uniform(b.rng, (0.42, 0.48))
+        seat = uniform(b.rng, (0.42, 0.48))
         _legs(b, r, seat - 0.04, 0.035, "chair", inst, mat)
         b.box([x0, y0, seat - 0.04], [x1, y1, seat], "chair", inst, mat)
         lo, hi = _panel(r, int(b.rng.integers(4)), 0.04, seat, h)
         b.box(lo, hi, "chair", inst, mat)
     elif kind == "sofa":
         fabric = b.material(FABRIC)
-        seat = _uniform(b.rng, (0.4, 0.46))
+        seat = uniform(b.rng, (0.4, 0.46))
         b.box([x0, y0, 0], [x1, y1, seat], "sofa", inst, fabric)
         b.box(*_panel(r, side, 0.22, seat, h), "sofa", inst, fabric)
         arms = (2, 3) if side < 2 else (0, 1)
@@ -101,7 +101,7 @@ def _on_face(r: np.ndarray, face: int, u0: float, u1: float, z0: float, z1: floa
             [[u0, y0 - out, z0], [u1, y0, z1]], [[u0, y1, z0], [u1, y1 + out, z1]])[face]
 
 
-def add_fronts(b: _Builder, r: np.ndarray, face: int, z0: float, z1: float, inst: int,
+def add_fronts(b: SceneBuilder, r: np.ndarray, face: int, z0: float, z1: float, inst: int,
                handle: float) -> None:
     """Doors about 0.5 m wide on side ``face``: dark gaps between them and a handle each,
     its centre at height ``handle`` (handles are ~12 cm: a cue to real size)."""
@@ -122,7 +122,7 @@ def add_fronts(b: _Builder, r: np.ndarray, face: int, z0: float, z1: float, inst
               metal)
 
 
-def add_chairs(b: _Builder, table: np.ndarray, room: np.ndarray,
+def add_chairs(b: SceneBuilder, table: np.ndarray, room: np.ndarray,
                taken: list[np.ndarray]) -> None:
     """With the style's chance, 1-4 chairs at the long sides of ``table``, backs outward
     (chair side 0 lies below the table's low edge, so its back is that footprint's low side)."""
@@ -133,21 +133,21 @@ def add_chairs(b: _Builder, table: np.ndarray, room: np.ndarray,
     along_x = (x1 - x0) >= (y1 - y0)
     others = [r for r in taken if r is not table]
     for _ in range(int(rng.integers(1, 5))):
-        w, h = _uniform(rng, (0.42, 0.5)), _uniform(rng, (0.8, 0.95))
-        gap, side = _uniform(rng, (-0.1, 0.15)), int(rng.integers(2))
+        w, h = uniform(rng, (0.42, 0.5)), uniform(rng, (0.8, 0.95))
+        gap, side = uniform(rng, (-0.1, 0.15)), int(rng.integers(2))
         if along_x:
-            cx = _uniform(rng, (x0, max(x0, x1 - w)))
+            cx = uniform(rng, (x0, max(x0, x1 - w)))
             cy = y0 - gap - w if side == 0 else y1 + gap
             rect, back = np.array([cx, cy, cx + w, cy + w]), 2 + side
         else:
-            cy = _uniform(rng, (y0, max(y0, y1 - w)))
+            cy = uniform(rng, (y0, max(y0, y1 - w)))
             cx = x0 - gap - w if side == 0 else x1 + gap
             rect, back = np.array([cx, cy, cx + w, cy + w]), side
         if rect[0] < 0.03 or rect[1] < 0.03 or rect[2] > room[0] - 0.03 \
                 or rect[3] > room[1] - 0.03 or not _fits(rect, others):
             continue
         inst, mat = b.new_instance(), b.material(b.style.object_textures)
-        seat = _uniform(rng, (0.42, 0.48))
+        seat = uniform(rng, (0.42, 0.48))
         _legs(b, rect, seat - 0.04, 0.035, "chair", inst, mat)
         b.box([rect[0], rect[1], seat - 0.04], [rect[2], rect[3], seat], "chair", inst, mat)
         b.box(*_panel(rect, back, 0.04, seat, h), "chair", inst, mat)
@@ -163,7 +163,7 @@ def _wall_box(size: np.ndarray, wall: int, u0: float, u1: float, z0: float, z1: 
             [[u0, 0, z0], [u1, out, z1]], [[u0, Y - out, z0], [u1, Y, z1]])[wall]
 
 
-def add_wall_items(b: _Builder, size: np.ndarray, taken: list[np.ndarray]) -> list[np.ndarray]:
+def add_wall_items(b: SceneBuilder, size: np.ndarray, taken: list[np.ndarray]) -> list[np.ndarray]:
     """Baseboards, then doors, windows and pictures; returns the floor kept free in front of
     doors (also appended to ``taken`` so furniture avoids it)."""
     rng, style = b.rng, b.style
@@ -179,21 +179,21 @@ def add_wall_items(b: _Builder, size: np.ndarray, taken: list[np.ndarray]) -> li
         wall = int(rng.integers(4))
         length = size[1] if wall < 2 else size[0]
         if kind == "door":
-            w, z0, z1, out = _uniform(rng, (0.8, 0.95)), 0.0, _uniform(rng, (2.0, 2.1)), 0.04
+            w, z0, z1, out = uniform(rng, (0.8, 0.95)), 0.0, uniform(rng, (2.0, 2.1)), 0.04
             mat = b.material(WOOD)
         elif kind == "window":
-            w, z0 = _uniform(rng, (0.8, 1.8)), _uniform(rng, (0.75, 1.0))
-            z1, out = min(z0 + _uniform(rng, (1.0, 1.5)), size[2] - 0.2), 0.02
+            w, z0 = uniform(rng, (0.8, 1.8)), uniform(rng, (0.75, 1.0))
+            z1, out = min(z0 + uniform(rng, (1.0, 1.5)), size[2] - 0.2), 0.02
             mat = b.material((("noise", 0.5), ("flat", 0.5)), palette=BRIGHT,
-                             emission=_uniform(rng, (0.6, 1.6)))
+                             emission=uniform(rng, (0.6, 1.6)))
         else:
-            w = _uniform(rng, (0.3, 1.0))
-            mid, tall = _uniform(rng, (1.3, 1.8)), _uniform(rng, (0.25, 0.8))
+            w = uniform(rng, (0.3, 1.0))
+            mid, tall = uniform(rng, (1.3, 1.8)), uniform(rng, (0.25, 0.8))
             z0, z1, out = mid - tall / 2, mid + tall / 2, 0.025
             mat = b.material(OBJECTS, palette=COLOURFUL)
         if w > length - 0.4:
             continue
-        u0 = _uniform(rng, (0.2, length - w - 0.2))
+        u0 = uniform(rng, (0.2, length - w - 0.2))
         if any(s == wall and u0 < e + 0.15 and s0 < u0 + w + 0.15 for s, s0, e in spans):
             continue
         spans.append((wall, u0, u0 + w))
@@ -221,53 +221,53 @@ def _fits(rect: np.ndarray, placed: list[np.ndarray]) -> bool:
                       & (rect[1] < t[:, 3] + 0.02) & (t[:, 1] < rect[3] + 0.02))
 
 
-def _book_row(b: _Builder, s: tuple[float, ...]) -> None:
+def _book_row(b: SceneBuilder, s: tuple[float, ...]) -> None:
     """Books along a shelf board: 2-4 runs of spines (stripes across the board)."""
     x0, y0, x1, y1, z, free = s
     along_x = (x1 - x0) >= (y1 - y0)
     length, depth = (x1 - x0, y1 - y0) if along_x else (y1 - y0, x1 - x0)
-    u = (x0 if along_x else y0) + _uniform(b.rng, (0.0, 0.15))
+    u = (x0 if along_x else y0) + uniform(b.rng, (0.0, 0.15))
     end = (x1 if along_x else y1)
     for _ in range(int(b.rng.integers(2, 5))):
-        run = _uniform(b.rng, (0.1, 0.5))
+        run = uniform(b.rng, (0.1, 0.5))
         if u + run > end or free < 0.14:
             break
-        top = z + _uniform(b.rng, (0.13, min(0.32, free - 0.01)))
-        d = min(depth, _uniform(b.rng, (0.14, 0.24)))
+        top = z + uniform(b.rng, (0.13, min(0.32, free - 0.01)))
+        d = min(depth, uniform(b.rng, (0.14, 0.24)))
         v0 = (y0 if along_x else x0) + (depth - d) / 2
         lo, hi = (([u, v0, z], [u + run, v0 + d, top]) if along_x
                   else ([v0, u, z], [v0 + d, u + run, top]))
         b.box(lo, hi, "object", b.new_instance(), b.material(BOOKS, palette=COLOURFUL))
-        u += run + _uniform(b.rng, (0.0, 0.3))
+        u += run + uniform(b.rng, (0.0, 0.3))
 
 
-def _item(b: _Builder, on_floor: bool) -> tuple[str, float, float, float]:
+def _item(b: SceneBuilder, on_floor: bool) -> tuple[str, float, float, float]:
     """Kind and size (w, d, h) of one household object."""
     rng = b.rng
     if on_floor:
         kind = ("box", "bin", "ball")[int(rng.choice(3, p=[0.6, 0.3, 0.1]))]
         if kind == "box":
-            return (kind, _uniform(rng, (0.2, 0.6)), _uniform(rng, (0.2, 0.5)),
-                    _uniform(rng, (0.1, 0.6)))
+            return (kind, uniform(rng, (0.2, 0.6)), uniform(rng, (0.2, 0.5)),
+                    uniform(rng, (0.1, 0.6)))
         if kind == "bin":
-            r = _uniform(rng, (0.1, 0.2))
-            return kind, 2 * r, 2 * r, _uniform(rng, (0.25, 0.5))
-        r = _uniform(rng, (0.08, 0.15))
+            r = uniform(rng, (0.1, 0.2))
+            return kind, 2 * r, 2 * r, uniform(rng, (0.25, 0.5))
+        r = uniform(rng, (0.08, 0.15))
         return kind, 2 * r, 2 * r, 2 * r
     kind = ("box", "bottle", "ball", "screen")[int(rng.choice(4, p=[0.45, 0.35, 0.1, 0.1]))]
     if kind == "box":   # books, boxes, appliances
-        return (kind, _uniform(rng, (0.1, 0.45)), _uniform(rng, (0.1, 0.35)),
-                _uniform(rng, (0.03, 0.3)))
+        return (kind, uniform(rng, (0.1, 0.45)), uniform(rng, (0.1, 0.35)),
+                uniform(rng, (0.03, 0.3)))
     if kind == "bottle":   # bottles, cups, vases, lamps
-        r = _uniform(rng, (0.03, 0.09))
-        return kind, 2 * r, 2 * r, _uniform(rng, (0.08, 0.4))
+        r = uniform(rng, (0.03, 0.09))
+        return kind, 2 * r, 2 * r, uniform(rng, (0.08, 0.4))
     if kind == "ball":   # fruit, balls
-        r = _uniform(rng, (0.04, 0.12))
+        r = uniform(rng, (0.04, 0.12))
         return kind, 2 * r, 2 * r, 2 * r
-    return kind, _uniform(rng, (0.4, 0.75)), 0.06, _uniform(rng, (0.28, 0.48))   # a screen
+    return kind, uniform(rng, (0.4, 0.75)), 0.06, uniform(rng, (0.28, 0.48))   # a screen
 
 
-def add_clutter(b: _Builder, size: np.ndarray, furniture: list[np.ndarray]) -> None:
+def add_clutter(b: SceneBuilder, size: np.ndarray, furniture: list[np.ndarray]) -> None:
     """Books on shelves, then small objects on furniture tops and on the floor."""
     rng, style = b.rng, b.style
     tops = []
@@ -289,7 +289,7 @@ def add_clutter(b: _Builder, size: np.ndarray, furniture: list[np.ndarray]) -> N
             w, d = d, w
         if w > x1 - x0 or d > y1 - y0 or h > free:
             continue
-        px, py = _uniform(rng, (x0, x1 - w)), _uniform(rng, (y0, y1 - d))
+        px, py = uniform(rng, (x0, x1 - w)), uniform(rng, (y0, y1 - d))
         rect = np.array([px, py, px + w, py + d])
         if not _fits(rect, placed[k] + (furniture if k == len(tops) else [])):
             continue
@@ -305,14 +305,14 @@ def add_clutter(b: _Builder, size: np.ndarray, furniture: list[np.ndarray]) -> N
             b.box([px, py, z], [px + w, py + d, z + h], "object", inst, mat)
 
 
-def add_lamps(b: _Builder, size: np.ndarray) -> np.ndarray:
+def add_lamps(b: SceneBuilder, size: np.ndarray) -> np.ndarray:
     """Ceiling lights: (L, 3) positions, each under a glowing ceiling panel."""
     rng, style = b.rng, b.style
     n = int(rng.integers(style.lights[0], style.lights[1] + 1))
     lights = []
     for _ in range(n):
         x, y = rng.uniform(0.2, 0.8) * size[0], rng.uniform(0.2, 0.8) * size[1]
-        half = _uniform(rng, (0.12, 0.3))
+        half = uniform(rng, (0.12, 0.3))
         top = size[2]
         b.box([x - half, y - half, top - 0.05], [x + half, y + half, top], "lamp",
               b.new_instance(), b.material((("flat", 1.0),), palette=BRIGHT, emission=1.5))

@@ -12,7 +12,8 @@ import numpy as np
 
 from depthkd_core.data.camera_effects import apply_camera
 from depthkd_core.data.frame import Frame
-from depthkd_core.data.scene import N_ROOM_FACES, CameraPose, Scene
+from depthkd_core.data.primitives import N_ROOM_FACES, Scene
+from depthkd_core.data.scene import CameraPose
 from depthkd_core.data.shading import lamps, occlusion
 from depthkd_core.data.styles import SceneStyle
 from depthkd_core.data.textures import albedo

@@ -7,49 +7,18 @@ furniture is several primitives sharing one instance id and class.
 
 from __future__ import annotations
 
-import colorsys
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from depthkd_core.data.styles import CLASS_IDS, SceneStyle, Weights
+from depthkd_core.data.furnish import (add_chairs, add_clutter, add_fronts, add_furniture, add_lamps,
+                                      add_wall_items, wall_side)
+from depthkd_core.data.primitives import Scene, SceneBuilder, choose, uniform
+from depthkd_core.data.styles import CLASS_IDS, SceneStyle
 from depthkd_core.geometry import Intrinsics
 
-N_ROOM_FACES = 6  # parts 0..5: walls x=0, x=X, y=0, y=Y, then floor, ceiling
 _GAP = 0.15       # free space kept between pieces of furniture, metres
-
-
-@dataclass(frozen=True)
-class Material:
-    """A solid procedural texture: ``kind`` mixes ``colour_a`` and ``colour_b``."""
-
-    kind: str
-    colour_a: tuple[float, float, float]
-    colour_b: tuple[float, float, float]
-    scale: float                          # cycles per metre
-    axis: tuple[float, float, float]      # stripe normal / wood grain direction
-    offset: tuple[float, float, float]    # pattern phase, metres
-    seed: int
-    emission: float = 0.0                 # light given off (windows, lamps), x albedo
-
-
-@dataclass
-class Scene:
-    """Primitives in part order: 6 room faces, boxes, spheres, cylinders."""
-
-    size: np.ndarray            # (3,) room extent
-    box_lo: np.ndarray          # (K, 3)
-    box_hi: np.ndarray          # (K, 3)
-    spheres: np.ndarray         # (S, 4) centre xyz, radius
-    cylinders: np.ndarray       # (C, 5) centre x, y, radius, z bottom, z top
-    part_class: np.ndarray      # (P,) semantic class id
-    part_instance: np.ndarray   # (P,) instance id, 1-based
-    part_material: np.ndarray   # (P,) index into materials
-    materials: list[Material]
-    light: np.ndarray           # point: position (or (L, 3) positions); directional: unit
-                                # vector to the light
-    footprints: np.ndarray      # (F, 4) x0, y0, x1, y1 of everything on the floor
 
 
 @dataclass(frozen=True)
@@ -73,85 +42,6 @@ class CameraPose:
             cr, sr = math.cos(self.roll), math.sin(self.roll)
             right, down = cr * right + sr * down, cr * down - sr * right
         return np.stack([right, down, forward], axis=1)
-
-
-def _choose(rng: np.random.Generator, weights: Weights) -> str:
-    keys = [k for k, _ in weights]
-    p = np.array([w for _, w in weights], dtype=np.float64)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
-
-
-def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
-    return float(rng.uniform(bounds[0], bounds[1]))
-
-
-class _Builder:
-    """Accumulates primitives and their labels, then freezes them into a ``Scene``."""
-
-    def __init__(self, style: SceneStyle, rng: np.random.Generator) -> None:
-        self.style, self.rng = style, rng
-        self.boxes: list[tuple[np.ndarray, np.ndarray, int, int, int]] = []
-        self.spheres: list[tuple[list[float], int, int, int]] = []
-        self.cylinders: list[tuple[list[float], int, int, int]] = []
-        self.materials: list[Material] = []
-        self.surfaces: list[tuple[float, ...]] = []  # x0 y0 x1 y1 z, free height above
-        self.instances = 0
-
-    def colour(self, saturation: tuple[float, float], value: tuple[float, float]) -> tuple:
-        hue, share = self.rng.uniform(), self.style.natural_colours
-        if share and hue < share:          # wood, leather, terracotta: hue 0.03-0.13
-            hue = 0.03 + 0.1 * hue / share
-        elif share:
-            hue = (hue - share) / (1 - share)
-        rgb = colorsys.hsv_to_rgb(hue, _uniform(self.rng, saturation),
-                                  _uniform(self.rng, value))
-        return tuple(float(c) for c in rgb)
-
-    def new_instance(self) -> int:
-        self.instances += 1
-        return N_ROOM_FACES + self.instances
-
-    def material(self, textures: Weights, wall: bool = False, palette: tuple | None = None,
-                 emission: float = 0.0) -> int:
-        """A random material; ``palette`` (saturation, value, contrast) overrides the style's."""
-        s = self.style
-        sat, val, contrast = ((s.wall_saturation, s.wall_value, s.wall_contrast) if wall
-                              else (s.saturation, s.value, s.contrast))
-        if palette is not None:
-            sat, val, contrast = palette
-        kind = _choose(self.rng, textures)
-        a = self.colour(sat, val)
-        if kind in ("checker", "stripes"):   # two palette colours
-            b = self.colour(sat, val)
-        else:                                # one colour, darker grain or blotches
-            b = tuple(c * _uniform(self.rng, contrast) for c in a)
-        heading = self.rng.uniform(0, 2 * math.pi)
-        axis = np.array([math.cos(heading), math.sin(heading), self.rng.uniform(-0.2, 0.2)])
-        self.materials.append(Material(
-            kind=kind, colour_a=a, colour_b=b, scale=_uniform(self.rng, s.texture_scale),
-            axis=tuple(float(x) for x in axis / np.linalg.norm(axis)),
-            offset=tuple(float(x) for x in self.rng.uniform(0, 10, 3)),
-            seed=int(self.rng.integers(2**31)), emission=emission))
-        return len(self.materials) - 1
-
-    def box(self, lo: list[float], hi: list[float], cls: str, inst: int, mat: int) -> None:
-        self.boxes.append((np.asarray(lo, float), np.asarray(hi, float), CLASS_IDS[cls], inst, mat))
-
-    def build(self, size: np.ndarray, room_materials: list[int], light: np.ndarray,
-              footprints: list[np.ndarray]) -> Scene:
-        room_class = [CLASS_IDS["wall"]] * 4 + [CLASS_IDS["floor"], CLASS_IDS["ceiling"]]
-        labels = ([(c, i + 1, m) for i, (c, m) in enumerate(zip(room_class, room_materials))]
-                  + [b[2:] for b in self.boxes] + [s[1:] for s in self.spheres]
-                  + [c[1:] for c in self.cylinders])
-        cls, inst, mat = (np.array(col, dtype=np.int32) for col in zip(*labels))
-        return Scene(
-            size=size,
-            box_lo=np.array([b[0] for b in self.boxes]).reshape(-1, 3),
-            box_hi=np.array([b[1] for b in self.boxes]).reshape(-1, 3),
-            spheres=np.array([s[0] for s in self.spheres], dtype=float).reshape(-1, 4),
-            cylinders=np.array([c[0] for c in self.cylinders], dtype=float).reshape(-1, 5),
-            part_class=cls, part_instance=inst, part_material=mat, materials=self.materials,
-            light=light, footprints=np.array(footprints, dtype=float).reshape(-1, 4))
 
 
 _SIZES: dict[str, tuple[tuple[float, float], ...]] = {   # metres, before style scaling
@@ -202,7 +92,7 @@ def _place(rng: np.random.Generator, size: np.ndarray, w: float, d: float, snap:
     return None
 
 
-def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.ndarray,
+def _add_furniture(b: SceneBuilder, kind: str, r: np.ndarray, h: float, room: np.ndarray,
                    inst: int) -> None:
     """Primitives of one piece of furniture on footprint ``r`` (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = r
@@ -217,9 +107,8 @@ def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.nda
         b.box([x0, y0, 0], [x1, y1, h], kind, inst, mat)
         b.surfaces.append((x0, y0, x1, y1, h, 0.6))
         if b.style.furniture_fronts:
-            from depthkd_core.data.furnish import _against, add_fronts
 
-            add_fronts(b, r, _against(r, room) ^ 1, 0.03, h - 0.03, inst, handle=h - 0.1)
+            add_fronts(b, r, wall_side(r, room) ^ 1, 0.03, h - 0.03, inst, handle=h - 0.1)
     elif kind == "table":
         leg, top = 0.06, 0.04
         b.box([x0, y0, h - top], [x1, y1, h], kind, inst, mat)
@@ -231,12 +120,11 @@ def _add_furniture(b: _Builder, kind: str, r: np.ndarray, h: float, room: np.nda
     elif kind == "bed":
         _add_bed(b, r, h, room, inst, mat)
     else:
-        from depthkd_core.data.furnish import add_furniture
 
         add_furniture(b, kind, r, h, room, inst, mat)
 
 
-def _add_shelf(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
+def _add_shelf(b: SceneBuilder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
                mat: int) -> None:
     """Back panel on the long side nearer a wall, two side panels and 3-5 boards."""
     x0, y0, x1, y1 = r
@@ -257,7 +145,7 @@ def _add_shelf(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int
         b.surfaces.append((x0 + t, y0 + t, x1 - t, y1 - t, z + t, boards[1] - boards[0] - 2 * t))
 
 
-def _add_bed(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
+def _add_bed(b: SceneBuilder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
              mat: int) -> None:
     """Frame, mattress, headboard at the short end nearer a wall, and a pillow."""
     x0, y0, x1, y1 = r
@@ -279,21 +167,20 @@ def _add_bed(b: _Builder, r: np.ndarray, h: float, room: np.ndarray, inst: int,
 
 def make_scene(style: SceneStyle, rng: np.random.Generator) -> Scene:
     """A random room of ``style``: walls, floor, ceiling, furniture and one light."""
-    size = np.array([_uniform(rng, style.room_size), _uniform(rng, style.room_size),
-                     _uniform(rng, style.room_height)])
-    b = _Builder(style, rng)
+    size = np.array([uniform(rng, style.room_size), uniform(rng, style.room_size),
+                     uniform(rng, style.room_height)])
+    b = SceneBuilder(style, rng)
     wall = b.material(style.wall_textures, wall=True)
     room_materials = [wall] * 4 + [b.material(style.floor_textures),
                                    b.material((("flat", 1.0),), wall=True)]
     taken: list[np.ndarray] = []
     kept: list[np.ndarray] = []   # reserved floor (in front of doors) is not furniture
     if style.wall_items[1] > 0:
-        from depthkd_core.data.furnish import add_wall_items
 
         kept = add_wall_items(b, size, taken)
     for _ in range(int(rng.integers(style.n_objects[0], style.n_objects[1] + 1))):
-        kind = _choose(rng, style.furniture)
-        w, d, h = _furniture_size(kind, rng, _uniform(rng, style.size_scale))
+        kind = choose(rng, style.furniture)
+        w, d, h = _furniture_size(kind, rng, uniform(rng, style.size_scale))
         if rng.uniform() < 0.5:
             w, d = d, w
         rect = _place(rng, size, w, d, kind in _SNAP, taken)
@@ -301,12 +188,10 @@ def make_scene(style: SceneStyle, rng: np.random.Generator) -> Scene:
             _add_furniture(b, kind, rect, h, size, inst=b.new_instance())
             taken.append(rect)
             if kind in ("table", "desk") and style.chairs_at_tables:
-                from depthkd_core.data.furnish import add_chairs
 
                 add_chairs(b, rect, size, taken)
     taken = [r for r in taken if not any(r is k for k in kept)]
     if style.lights != (1, 1) or style.clutter[1] > 0:
-        from depthkd_core.data.furnish import add_clutter, add_lamps
 
         add_clutter(b, size, taken)
         light = add_lamps(b, size)
@@ -371,13 +256,13 @@ def sample_pose(scene: Scene, rng: np.random.Generator, margin: float | None = N
     view = _near_wall_view(scene, rng, max(0.25, margin - 0.35)) if near_wall else None
     if view is not None:
         x, y, tx, ty = view
-        z = _uniform(rng, height)
+        z = uniform(rng, height)
     else:
         xy = rng.uniform(0, 1, (256, 2)) * scene.size[:2]
         free = clearance(scene, xy)
         ok = np.flatnonzero(free >= margin)
         x, y = xy[ok[0]] if len(ok) else xy[np.argmax(free)]
-        z = _uniform(rng, height)
+        z = uniform(rng, height)
         tx, ty = rng.uniform(0, 1, 2) * scene.size[:2]
         if len(scene.footprints) and rng.uniform() < 0.9:
             f = scene.footprints[rng.integers(len(scene.footprints))]
@@ -396,6 +281,6 @@ def sample_pose(scene: Scene, rng: np.random.Generator, margin: float | None = N
 def sample_intrinsics(style: SceneStyle, rng: np.random.Generator, width: int,
                       height: int) -> Intrinsics:
     """Square pixels, principal point at the image centre, fx = style.focal * width."""
-    f = _uniform(rng, style.focal) * width
+    f = uniform(rng, style.focal) * width
     return Intrinsics(fx=f, fy=f, cx=(width - 1) / 2, cy=(height - 1) / 2, width=width,
                       height=height)

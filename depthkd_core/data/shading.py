@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from depthkd_core.data.scene import N_ROOM_FACES, Scene
+from depthkd_core.data.primitives import N_ROOM_FACES, Scene
 from depthkd_core.data.styles import CLASS_IDS, SceneStyle
 
 # Wall-mounted and ceiling items cast no useful shadow (and lamps would shadow their light).

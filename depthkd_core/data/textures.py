@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depthkd_core.data.scene import Material
+from depthkd_core.data.primitives import Material
 
 _PERIOD = 64  # lattice cells per axis; the noise repeats after this many cells
 _SIDE = _PERIOD + 1

@@ -11,20 +11,13 @@ from typing import Any
 
 from torch import nn
 
-from depthkd_core.registry import Registry
-
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
+from depthkd_core.losses import attentive_kd, bn_stats, cwd, hu_depth, l1, mse, silog, ssim  # noqa: F401 (they register)
+from depthkd_core.losses.common import LOSSES
 
 
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
     """Instantiate the loss registered as ``name`` with ``kwargs``."""
     return LOSSES.get(name)(**kwargs)
 
-
-# Imported for their registration side effect; LOSSES must exist first.
-from depthkd_core.losses import hu_depth, l1, mse, silog  # noqa: E402,F401
-from depthkd_core.losses import bn_stats  # noqa: E402,F401
-from depthkd_core.losses import cwd, ssim  # noqa: E402,F401
-from depthkd_core.losses import attentive_kd  # noqa: E402,F401
 
 __all__ = ["LOSSES", "build_loss"]

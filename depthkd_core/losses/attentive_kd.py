@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 
 
 @LOSSES.register("attentive_kd")

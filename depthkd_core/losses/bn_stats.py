@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 
 
 def batchnorm_layers(module: nn.Module) -> list[_BatchNorm]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from depthkd_core.registry import Registry
+
+# Every loss class registers itself here (``depthkd_core.losses`` imports them all).
+LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
 
 def check_inputs(pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:

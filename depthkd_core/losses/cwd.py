@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 from depthkd_core.losses.common import check_inputs
 
 NORMALISATIONS = ("median_mad", "mean_std", "none")

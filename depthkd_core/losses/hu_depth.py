@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from kornia.filters import spatial_gradient
 from torch import Tensor, nn
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 from depthkd_core.losses.common import check_inputs, masked_mean
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 from depthkd_core.losses.common import check_inputs, masked_mean
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from depthkd_core.losses import LOSSES
+from depthkd_core.losses.common import LOSSES
 from depthkd_core.losses.common import check_inputs, masked_mean
 
 

@@ -7,13 +7,7 @@ shared ``Trainer``; ``depthkd distill`` (``engine.py``) wires them together.
 
 from __future__ import annotations
 
-from depthkd_core.registry import Registry
-
-METHODS: Registry[type] = Registry("method")
-
-# Imported for their registration side effect; METHODS must exist first.
-from depthkd_core.methods import datafree, dfad, kd_ood, noise  # noqa: E402,F401
-from depthkd_core.methods import labelfree, tiekd  # noqa: E402,F401
-from depthkd_core.methods import disdepth  # noqa: E402,F401
+from depthkd_core.methods import datafree, dfad, disdepth, kd_ood, labelfree, noise, tiekd  # noqa: F401 (they register)
+from depthkd_core.methods.base import METHODS
 
 __all__ = ["METHODS"]

@@ -13,6 +13,10 @@ from depthkd_core.config import from_dict
 from depthkd_core.losses import build_loss
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher
+from depthkd_core.registry import Registry
+
+# Every method class registers itself here (``depthkd_core.methods`` imports them all).
+METHODS: Registry[type] = Registry("method")
 
 
 @dataclass

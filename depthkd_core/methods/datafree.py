@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 from depthkd_core.data.mixing import ObjectMixer
 from depthkd_core.losses.bn_stats import BatchNormStatsLoss, batchnorm_layers
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod, require_torch_teacher
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from depthkd_core.losses import build_loss
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import DepthNet, Teacher

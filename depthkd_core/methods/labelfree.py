@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from depthkd_core.losses.cwd import NORMALISATIONS, ChannelWiseDistillation
 from depthkd_core.losses.geometric import GeometricDistillation, fill_intrinsics
 from depthkd_core.losses.mse import MSELoss
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher

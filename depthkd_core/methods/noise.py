@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod
 
 

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from depthkd_core.losses.dpm_kl import DPMKLDivergence
 from depthkd_core.losses.ssim import SSIMLoss
-from depthkd_core.methods import METHODS
+from depthkd_core.methods.base import METHODS
 from depthkd_core.methods.base import DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher

@@ -154,6 +154,7 @@ class FastDepthNet(nn.Module):
 
 @MODELS.register("fastdepth")
 def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
+    """FastDepth (MobileNet-NNConv5, Wofk et al. 2019): its own encoder, BN folded, capped ReLUs."""
     model = FastDepthNet(cfg)
     if cfg.pretrained is not None:
         import_onnx_weights(model, cfg.pretrained)

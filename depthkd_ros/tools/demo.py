@@ -24,11 +24,11 @@ from depthkd_core.geometry import colorize_depth
 from depthkd_core.geometry.pointcloud import render_point_cloud, write_ply
 from depthkd_ros.conversions import depth_image_to_numpy, image_to_rgb, pointcloud2_to_numpy
 from depthkd_ros.depth_node import PACKAGED_MODEL
-from depthkd_ros.harness import Session, default_domain_id, latency_summary
+from depthkd_ros.tools.harness import Session, default_domain_id, latency_summary
 
-PACKAGED_SEQUENCE = Path(__file__).resolve().parent / "demo_data"
+PACKAGED_SEQUENCE = Path(__file__).resolve().parents[1] / "demo_data"
 # ../shared beside the checkout (developers, CI); absent on an installed package.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 MIN_DEPTH, MAX_DEPTH = 0.1, 10.0
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from depthkd_core.data.readers import SimFolder
-from depthkd_ros.demo import PACKAGED_SEQUENCE
-from depthkd_ros.harness import Session, default_domain_id, latency_summary
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
+from depthkd_ros.tools.harness import Session, default_domain_id, latency_summary
 
-DEFAULT_TEACHER = Path(__file__).resolve().parents[2] / "shared" / "models" / "fastdepth" \
+DEFAULT_TEACHER = Path(__file__).resolve().parents[3] / "shared" / "models" / "fastdepth" \
     / "fast_depth_224.onnx"
 
 

@@ -26,9 +26,9 @@ from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.inference import DepthEstimator, EstimatorConfig, build_point_cloud
 from depthkd_ros.conversions import (depth_to_image, image_to_rgb, points_to_pointcloud2,
                                      rgb_to_image)
-from depthkd_ros.demo import PACKAGED_SEQUENCE
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
 from depthkd_ros.depth_node import PACKAGED_MODEL
-from depthkd_ros.harness import Session, default_domain_id, latency_summary
+from depthkd_ros.tools.harness import Session, default_domain_id, latency_summary
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
