@@ -26,7 +26,7 @@ def test_refuses_missing_teacher_and_bad_duration(tmp_path: Path,
 
 
 @pytest.mark.slow  # ~60 s: a depth_node process, two ONNX exports, fine-tuning rounds
-@pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared fastdepth model missing")
+@pytest.mark.needs_shared
 def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
     assert main(["bench-distill", "--teacher", str(FASTDEPTH), "--minutes", "0.3", "--steps", "5",

@@ -180,13 +180,12 @@ def test_variants_step_finite(assets: dict[str, Path], overrides: tuple[str, ...
     assert any(not torch.equal(a, b) for a, b in zip(before, method.aux.acclimation.parameters()))
 
 
+@pytest.mark.needs_shared
 def test_refuses_cnn_and_onnx_teachers(assets: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="transformer teacher.*CNN encoder 'resnet18'"):
         build_method(_cfg(assets, f"teacher={assets['cnn']}"))
     with pytest.raises(ValueError, match="use_lam needs use_fam"):
         build_method(_cfg(assets, "method_kwargs.use_fam=false"))
-    if not FASTDEPTH.is_file():
-        pytest.skip(f"missing {FASTDEPTH}")
     with pytest.raises(ValueError, match="stage features.*OnnxTeacher"):
         build_method(_cfg(assets, f"teacher={FASTDEPTH}"))
 

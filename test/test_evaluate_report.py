@@ -14,7 +14,6 @@ from depthkd_core.evaluate.report import evaluate_model, to_markdown
 from helpers import FASTDEPTH
 
 
-
 def _predict(images: torch.Tensor) -> torch.Tensor:
     """Fake model: depth = 1 + 4 * red channel."""
     return 1.0 + 4.0 * images[:, :1]
@@ -99,15 +98,10 @@ def test_measure_latency_keys_and_mode():
         measure_latency(net, (1, 3, 16, 16), runs=0)
 
 
+@pytest.mark.needs_shared
 def test_cli_evaluate_real_fastdepth(tmp_path, capsys):
-    pytest.importorskip("depthkd_core.models.teachers")
-    simulator = pytest.importorskip("depthkd_core.data.simulator")
-    data = pytest.importorskip("depthkd_core.data")
-    if not hasattr(data, "build_reader") or not hasattr(data, "DepthDataset"):
-        pytest.skip("depthkd_core.data does not provide build_reader/DepthDataset yet")
-    if not FASTDEPTH.is_file():
-        pytest.skip(f"real model not found: {FASTDEPTH}")
     from depthkd_core.cli import main
+    from depthkd_core.data import simulator
 
     root = simulator.write_dataset(tmp_path / "sim", "target", n=3, height=120, width=160)
     out_json, out_md = tmp_path / "r" / "row.json", tmp_path / "r" / "table.md"
@@ -126,7 +120,7 @@ def test_cli_evaluate_real_fastdepth(tmp_path, capsys):
 
 
 def test_onnx_cost_equals_the_torch_count(tmp_path):
-    export = pytest.importorskip("depthkd_core.export.onnx_export")
+    from depthkd_core.export import onnx_export as export
     from depthkd_core.models import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -152,7 +146,6 @@ def test_onnx_cost_unresolved_shapes_give_no_macs(tmp_path):
         [helper.make_tensor_value_info("depth", TensorProto.FLOAT, None)], [weight])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
     assert onnx_cost(tmp_path / "g.onnx", (1, 3, 8, 8)) == (12, None)
-
 
 
 def test_reference_is_the_ground_truth_and_needs_no_labels():

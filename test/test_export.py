@@ -17,8 +17,9 @@ from depthkd_core.export.onnx_export import FP32_TOLERANCE, ParityReport, export
 from depthkd_core.runtime import OnnxDepthModel, create_session
 from depthkd_core.models import ModelConfig, build_model, save_checkpoint
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TUM_COLOR = SHARED / "data" / "tum_sample" / "tum_color.png"
+from helpers import TUM
+
+TUM_COLOR = TUM / "tum_color.png"
 H, W = 64, 96
 
 
@@ -34,9 +35,8 @@ def io_dims(path: Path) -> dict[str, list]:
             for v in (*proto.graph.input, *proto.graph.output)}
 
 
+@pytest.mark.needs_shared
 def test_cli_export_fp32_parity_and_dynamic_batch(student: nn.Module, tmp_path: Path) -> None:
-    if not TUM_COLOR.is_file():
-        pytest.skip(f"real frame missing: {TUM_COLOR}")
     ckpt = save_checkpoint(tmp_path / "s.pt", student, ModelConfig(encoder="mobilenetv2_050"))
     images = tmp_path / "images"
     images.mkdir()

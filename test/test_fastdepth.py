@@ -18,7 +18,6 @@ from depthkd_core.models.onnx_torch import fold_weight_dequantize, onnx_to_torch
 
 FASTDEPTH_WIDTHS = {"encoder_channels": (16, 56, 88, 120, 144, 256, 408, 376, 272, 288, 296, 328, 480, 512),
                     "decoder_channels": (200, 256, 120, 56, 16)}
-needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason=f"missing {FASTDEPTH}")
 
 
 def _tiny(**kwargs) -> torch.nn.Module:
@@ -130,7 +129,7 @@ def _tum_frame() -> np.ndarray:
     return (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
-@needs_fastdepth
+@pytest.mark.needs_shared
 def test_fastdepth_as_torch_matches_onnx_runtime_on_a_real_frame_with_gradients() -> None:
     x = _tum_frame()
     runtime = OnnxDepthModel(FASTDEPTH, "cpu").predict_batch(x)
@@ -145,7 +144,7 @@ def test_fastdepth_as_torch_matches_onnx_runtime_on_a_real_frame_with_gradients(
     assert all(not p.requires_grad for p in teacher.module.parameters())
 
 
-@needs_fastdepth
+@pytest.mark.needs_shared
 def test_fastdepth_weights_import_into_the_student_architecture() -> None:
     x = _tum_frame()
     runtime = OnnxDepthModel(FASTDEPTH, "cpu").predict_batch(x)

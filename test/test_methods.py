@@ -145,7 +145,7 @@ def test_ablation_switches(assets: dict[str, Path], monkeypatch: pytest.MonkeyPa
         build_method(_cfg(assets, "method_kwargs.use_g=false", "method_kwargs.kd_on_gx=true"))
 
 
-@pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared fastdepth ONNX model missing")
+@pytest.mark.needs_shared
 def test_onnx_teacher_refused_for_g_and_mixing_only_works(assets: dict[str, Path]) -> None:
     with pytest.raises(ValueError) as err:
         build_method(_cfg(assets, f"teacher={FASTDEPTH}"))
@@ -159,7 +159,7 @@ def test_onnx_teacher_refused_for_g_and_mixing_only_works(assets: dict[str, Path
     assert extra["step"] == 2 and extra["config"]["method_kwargs"]["use_g"] is False
 
 
-@pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared fastdepth ONNX model missing")
+@pytest.mark.needs_shared
 def test_dfad_trains_its_generator_through_an_onnx_teacher(assets: dict[str, Path]) -> None:
     method, student = build_method(_cfg(assets, f"teacher={FASTDEPTH}", "method=dfad"))
     assert method.teacher.differentiable and method.teacher.module is not None

@@ -1,4 +1,4 @@
-"""The robot install path is honest (issue 11).
+"""The robot install path is honest.
 
 A robot gets what ``rosdep install`` (package.xml) and ``colcon build`` give it, not this
 venv: depth_node must start with numpy, OpenCV, onnxruntime and rclpy alone; distill_node

@@ -14,8 +14,7 @@ from depthkd_core.data import (READERS, Frame, ImageFolder, KittiDepth, NyuMat, 
                                RosbagImages, SimFolder, TumFolder, build_reader)
 from depthkd_core.geometry import Intrinsics
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TUM_SAMPLE = SHARED / "data" / "tum_sample"
+from helpers import TUM as TUM_SAMPLE
 
 
 def _rgb(h: int = 12, w: int = 16, seed: int = 0) -> np.ndarray:
@@ -88,7 +87,7 @@ def test_tum_lists_associate_by_timestamp(tmp_path):
     assert folders[0].intrinsics.fx == 9.0
 
 
-@pytest.mark.skipif(not TUM_SAMPLE.is_dir(), reason="shared/data/tum_sample is missing")
+@pytest.mark.needs_shared
 def test_real_tum_frame():
     reader = TumFolder(TUM_SAMPLE)
     assert len(reader) == 1

@@ -222,10 +222,7 @@ def _teacher_server(workspace: Workspace, port: int, log: Path) -> Any:
     return launch
 
 
-needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared FastDepth missing")
-
-
-@needs_fastdepth
+@pytest.mark.needs_shared
 def test_teacher_server_launch_serves_the_teacher(workspace: Workspace, tmp_path: Path) -> None:
     from depthkd_core.serving.client import TeacherClient
 
@@ -237,7 +234,7 @@ def test_teacher_server_launch_serves_the_teacher(workspace: Workspace, tmp_path
         launch.interrupt()
 
 
-@needs_fastdepth
+@pytest.mark.needs_shared
 def test_distill_true_labels_keyframes_with_the_launched_teacher(
         workspace: Workspace, rcl: Rcl, frames: tuple, tmp_path: Path) -> None:
     """distill:=true beside a real teacher_server: keyframes from real frames come back

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -176,12 +175,3 @@ def test_cli_simulate_writes_dataset_without_torch(tmp_path):
             "'--height', '16', '--width', '16']); "
             "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-
-
-def test_render_speed_print():
-    start = time.perf_counter()
-    for seed in range(100):
-        render_frame("target" if seed % 2 else "sim", seed)
-    seconds = time.perf_counter() - start
-    print(f"\nsimulator: 100 frames at 240x320 in {seconds:.2f} s "
-          f"({1000 * seconds / 100:.1f} ms/frame, 1 process)")

@@ -4,7 +4,10 @@ and `depthkd` finds the verbs each package registers."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,24 @@ def test_depthkd_list_prints_every_entry_with_its_options(kind: str,
         assert "    label_weight = 0.0" in out and "    lambda_kd = 0.05" in out
     if kind == "models":
         assert "    encoder = 'mobilenetv2_100'" in out
+
+
+# What a robot without torch imports, and what each of those modules must not pull in.
+LIGHT_MODULES = [
+    ("depthkd_ros.depth_node", {"torch"}),
+    ("depthkd_core.inference", {"torch", "rclpy"}),
+    ("depthkd_core.runtime", {"torch", "rclpy"}),
+    ("depthkd_core.geometry", {"torch", "cv2"}),
+    ("depthkd_core.evaluate.metrics", {"torch", "cv2"}),
+    ("depthkd_core.cli", {"torch", "rclpy", "depthkd_ros"}),
+]
+
+
+@pytest.mark.parametrize("module, forbidden", LIGHT_MODULES, ids=[m for m, _ in LIGHT_MODULES])
+def test_light_modules_import_nothing_heavy(module: str, forbidden: set[str]) -> None:
+    code = (f"import sys, {module}; "
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -64,16 +64,13 @@ def test_torchscript_teacher(traced: Path, tiny) -> None:
 
 @pytest.fixture(scope="module")
 def tum_frame() -> tuple[np.ndarray, np.ndarray]:
-    if not (TUM / "tum_color.png").is_file():
-        pytest.skip(f"TUM sample not found in {TUM}")
     rgb = cv2.cvtColor(cv2.imread(str(TUM / "tum_color.png")), cv2.COLOR_BGR2RGB)
     depth = cv2.imread(str(TUM / "tum_depth.png"), cv2.IMREAD_UNCHANGED).astype(np.float32) / 5000.0
     return rgb, depth
 
 
+@pytest.mark.needs_shared
 def test_onnx_teacher_fastdepth_on_real_frame(tum_frame) -> None:
-    if not FASTDEPTH.is_file():
-        pytest.skip(f"FastDepth model not found: {FASTDEPTH}")
     rgb, gt = tum_frame
     teacher = load_teacher(FASTDEPTH)
     assert isinstance(teacher, OnnxTeacher)

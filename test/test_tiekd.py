@@ -110,10 +110,8 @@ def test_errors_name_the_problem(assets: dict[str, Path]) -> None:
         TiekdConfig(alpha=1.5)
 
 
-@pytest.mark.parametrize("onnx", [False, True])
+@pytest.mark.parametrize("onnx", [False, pytest.param(True, marks=pytest.mark.needs_shared)])
 def test_distill_cli_end_to_end(assets: dict[str, Path], onnx: bool) -> None:
-    if onnx and not FASTDEPTH.is_file():
-        pytest.skip("shared fastdepth ONNX model missing")
     out = assets["root"] / f"run_{onnx}"
     teacher = FASTDEPTH if onnx else assets["teacher"]
     assert main(["distill", "--config", str(TINY), "--out", str(out), *_args(assets, teacher)]) == 0

@@ -34,7 +34,7 @@ class DistillConfig(TrainConfig):
     teacher: a path load_teacher opens (depthkd checkpoint, TorchScript, .onnx, HF folder).
     teacher_output: what an ONNX/TorchScript teacher predicts: auto (= metric) | metric |
     relative | relative_inverse (affine-invariant disparity, as MiDaS/Depth Anything exports).
-    method: key in ``METHODS`` (kd_ood, noise, dfad, datafree).
+    method: key in ``METHODS`` (`depthkd list methods` prints each with its options).
     method_kwargs: that method's ``Config`` fields; the saved config.yaml lists all of them.
     loss / loss_kwargs: L_depth between student and teacher depth (Hu et al. 2019, a = 0.5).
     """

@@ -1,4 +1,4 @@
-"""On-robot label-free distillation (issue 6): keyframe store, fine-tuning round, validation gate.
+"""On-robot label-free distillation: keyframe store, fine-tuning round, validation gate.
 
 Importing this package never imports torch: ``keyframes`` (numpy + OpenCV) is used by the
 ROS node's camera callback; ``finetune`` and ``gate`` import torch and are imported by
