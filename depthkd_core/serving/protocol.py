@@ -113,7 +113,8 @@ def _json_tensor(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
         raise ValueError(f"tensor '{name}': 'data' is not a list of {datatype} numbers "
                          f"(found {', '.join(found)})")
     try:
-        array = np.asarray(data, dtype=DTYPES[datatype])
+        with np.errstate(over="ignore"):  # beyond FP32 becomes inf, which the server refuses
+            array = np.asarray(data, dtype=DTYPES[datatype])
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"tensor '{name}': 'data' is not a list of {datatype} numbers ({exc})") from None
     return array.reshape(shape)

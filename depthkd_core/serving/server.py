@@ -22,16 +22,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from ..models.teachers import Teacher
 from .protocol import (BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_TYPE, PayloadTooLarge,
                        RequestOptions, TensorLimits, decode_message, encode_message, request_options)
+
+if TYPE_CHECKING:  # importing the teachers loads torch, which checking arguments does not need
+    from ..models.teachers import Teacher
 
 LOG = logging.getLogger(__name__)
 INPUT, OUTPUT = "image", "depth"
