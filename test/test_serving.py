@@ -3,6 +3,7 @@ FastDepth ONNX teacher, limits, auth, batching, retries and the circuit breaker.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -30,7 +31,7 @@ from depthkd_core.serving.client import (CircuitBreaker, TeacherBusy, TeacherCli
                                          TeacherRequestError, TeacherUnavailable)
 from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,  # noqa: E402
                                            decode_message, encode_message)
-from depthkd_core.serving.server import BackgroundServer, ServerLimits, create_app  # noqa: E402
+from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits, create_app  # noqa: E402
 from depthkd_ros import teacher_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,6 +335,26 @@ def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> Non
     assert teacher_server.read_token(args) == "abc"
 
 
+def test_server_program_takes_every_bound_as_a_flag() -> None:
+    parse = teacher_server.build_parser().parse_args
+    tensors, server = teacher_server.limits_of(parse(["--teacher", "t"]))
+    assert (tensors, server) == (TensorLimits(), ServerLimits())  # documented defaults, one source
+    argv = ["--teacher", "t", "--max-body-mb", "2", "--max-json-mb", "0.5", "--max-size", "640",
+            "--max-pixels", "1000", "--max-inflight", "3", "--retry-after-s", "7",
+            "--max-json-reply-values", "99", "--body-timeout-s", "4", "--header-timeout-s", "5",
+            "--keep-alive-s", "6", "--max-connections", "9", "--max-header-kb", "8"]
+    tensors, server = teacher_server.limits_of(parse(argv))
+    assert (tensors.max_body_bytes, tensors.max_json_bytes, tensors.max_height, tensors.max_pixels) == (
+        2 << 20, 1 << 19, 640, 1000)
+    assert server == ServerLimits(max_inflight=3, retry_after_s=7, max_json_reply_values=99,
+                                  body_timeout_s=4, header_timeout_s=5, keep_alive_s=6,
+                                  max_connections=9, max_header_bytes=8192)
+    for flag, value in (("--max-inflight", "0"), ("--max-pixels", "0"), ("--header-timeout-s", "0"),
+                        ("--max-size", "4"), ("--max-connections", "-1")):
+        with pytest.raises(SystemExit, match="must be"):
+            teacher_server.main(["--teacher", "t", flag, value])
+
+
 def test_server_program_serves(tmp_path: Path) -> None:
     """The console-script entry point really serves, on loopback, with a token, and stops
     quietly on Ctrl-C as ros2 launch delivers it: twice (uvicorn took the second one as
@@ -397,7 +418,11 @@ def test_launch_file_builds_the_command(monkeypatch: pytest.MonkeyPatch) -> None
     parsed = teacher_server.build_parser().parse_args(argv)  # the program accepts what launch passes
     assert (parsed.teacher, parsed.token_file) == ("/m/t.onnx", "/k/tok")
     assert (parsed.host, parsed.port, parsed.max_batch) == ("127.0.0.1", 8000, 8)
-    assert "--ssl-keyfile" not in argv
+    assert "--ssl-keyfile" not in argv and "--max-inflight" not in argv  # empty: the program's default
+    context.launch_configurations.update(max_inflight="2", header_timeout_s="3")
+    (node,) = opaque.kwargs["function"](context)
+    bounds = teacher_server.limits_of(teacher_server.build_parser().parse_args(node.kwargs["arguments"]))[1]
+    assert (bounds.max_inflight, bounds.header_timeout_s) == (2, 3.0)
     with pytest.raises(ValueError, match="teacher:="):
         opaque.kwargs["function"](types.SimpleNamespace(launch_configurations=declared))
 
@@ -747,3 +772,27 @@ def test_client_honours_retry_after_without_tripping_the_breaker() -> None:
             client.infer(images)
         assert not client.breaker.is_open  # busy is alive: a later call still goes out
     assert len(seen) == 3 and sleeps == [5, 5] and busy.value.retry_after_s == 3600
+
+
+def test_batcher_skips_a_request_abandoned_while_queued() -> None:
+    """An abandoned request gives its slot back at once: its queued job must not still
+    cost a teacher call (and memory) later."""
+    gate = threading.Event()
+    teacher = _CountingTeacher(gate)
+    image = np.full((1, 3, 8, 8), 0.5, np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(teacher, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(image))
+        await asyncio.get_running_loop().run_in_executor(None, teacher.entered.wait)
+        second = asyncio.ensure_future(batcher.submit(image))
+        await asyncio.sleep(0)  # one step: the job is queued, the request awaits its answer
+        second.cancel()
+        gate.set()
+        assert (await first).shape == (1, 1, 8, 8)
+        assert (await batcher.submit(image)).shape == (1, 1, 8, 8)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert teacher.calls == 2

@@ -178,7 +178,8 @@ class Batcher:
         while True:
             groups: dict[tuple[int, int], list[_Job]] = {}
             for job in await self._collect():
-                groups.setdefault(job.images.shape[2:], []).append(job)
+                if not job.future.done():  # its request was abandoned (and gave its slot back)
+                    groups.setdefault(job.images.shape[2:], []).append(job)
             for jobs in groups.values():
                 batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
                 try:
@@ -344,9 +345,9 @@ async def _infer(request: Request, batcher: Batcher, limits: TensorLimits, serve
     try:
         body = await asyncio.wait_for(_read_body(request, limits), server.body_timeout_s)
         header, tensors = decode_message(body, request.headers.get(HEADER_LENGTH), "inputs", limits)
-        del body  # a binary tensor is a view into it, which keeps what it needs
         options = request_options(header, (OUTPUT,))
         images = image_input(tensors)
+        del body, tensors  # images is a copy, or a view that keeps the body alive by itself
         values = images.shape[0] * images.shape[2] * images.shape[3]
         if not options.binary[OUTPUT] and values > server.max_json_reply_values:
             raise ValueError(f"a JSON reply of {values} depth values exceeds {server.max_json_reply_values}; "
