@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time allowed to send a request body (else 408)")
     parser.add_argument("--header-timeout-s", type=float, default=server.header_timeout_s,
                         help="time allowed to send the request line and headers (else closed)")
+    parser.add_argument("--reply-timeout-s", type=float, default=server.reply_timeout_s,
+                        help="a client taking none of its reply for this long is disconnected")
     parser.add_argument("--keep-alive-s", type=float, default=server.keep_alive_s,
                         help="idle keep-alive connections are closed after this")
     parser.add_argument("--max-connections", type=int, default=server.max_connections,
@@ -137,8 +139,8 @@ def limits_of(args: argparse.Namespace) -> tuple[TensorLimits, ServerLimits]:
     server = ServerLimits(max_inflight=args.max_inflight, retry_after_s=args.retry_after_s,
                           max_json_reply_values=args.max_json_reply_values,
                           body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
-                          keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
-                          max_header_bytes=int(args.max_header_kb * 2**10))
+                          reply_timeout_s=args.reply_timeout_s, keep_alive_s=args.keep_alive_s,
+                          max_connections=args.max_connections, max_header_bytes=int(args.max_header_kb * 2**10))
     return tensors, server
 
 

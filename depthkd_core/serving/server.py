@@ -56,6 +56,8 @@ class ServerLimits:
     - ``body_timeout_s``: the whole body must arrive within it (408 otherwise).
     - ``header_timeout_s``: a connection must complete its request line and headers
       within it, from its opening or its first byte after a reply; else it is closed.
+    - ``reply_timeout_s``: a client that takes none of its reply for this long (the
+      server's send buffer stays full) is disconnected, and the buffer freed.
     - ``keep_alive_s``: an idle keep-alive connection is closed after it.
     - ``max_connections``: a request arriving while this many connections are open gets
       uvicorn's 503 (its ``limit_concurrency``).
@@ -67,6 +69,7 @@ class ServerLimits:
     max_json_reply_values: int = 1 << 20
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
+    reply_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     max_connections: int = 64
     max_header_bytes: int = 16 << 10
@@ -74,7 +77,7 @@ class ServerLimits:
     def __post_init__(self) -> None:
         if min(self.max_inflight, self.retry_after_s, self.max_json_reply_values, self.max_connections,
                self.max_header_bytes) < 1 or min(self.body_timeout_s, self.header_timeout_s,
-                                                 self.keep_alive_s) <= 0:
+                                                 self.reply_timeout_s, self.keep_alive_s) <= 0:
             raise ValueError(f"server limits must be positive, got {self}")
 
 
@@ -384,58 +387,76 @@ def _respond(options: RequestOptions, model_name: str, depth: np.ndarray, start:
 def uvicorn_config(app: Any, **options: Any) -> Any:
     """``uvicorn.Config`` for ``app`` with its ``app.state.server_limits`` (defaults for an
     app without) on the connections: h11, whose header size limit uvicorn honours, plus
-    the header timeout uvicorn lacks, keep-alive and connection limits. ``options`` are
-    further ``uvicorn.Config`` arguments (host, port, ssl_*...)."""
+    the header and reply timeouts uvicorn lacks, keep-alive and connection limits.
+    ``options`` are further ``uvicorn.Config`` arguments (host, port, ssl_*...)."""
     import uvicorn
 
     limits = getattr(app.state, "server_limits", DEFAULT_SERVER)
-    return uvicorn.Config(app, http=_timed_protocol(limits.header_timeout_s), lifespan="on",
+    return uvicorn.Config(app, http=_timed_protocol(limits), lifespan="on",
                           timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
                           h11_max_incomplete_event_size=limits.max_header_bytes, **options)
 
 
-def _timed_protocol(header_timeout_s: float) -> type:
-    """uvicorn's h11 protocol that closes a connection whose request line and headers are
-    not complete ``header_timeout_s`` after it opened, or after its first byte following
-    a reply. uvicorn times only idle keep-alive connections: a client sending nothing, or
-    a header a byte at a time, would hold its connection (and a connection slot) forever."""
+def _timed_protocol(limits: ServerLimits) -> type:
+    """uvicorn's h11 protocol with two timeouts it lacks (it times only idle keep-alive
+    connections): a client sending nothing, or a header a byte at a time, or reading
+    nothing of its reply, held its connection, a connection slot, and its reply buffer,
+    forever.
+
+    - headers: the request line and headers must be complete ``header_timeout_s`` after
+      the connection opened, or after its first byte following a reply; else closed.
+    - reply: while the send buffer stays full (asyncio paused writing) for
+      ``reply_timeout_s``, the connection is aborted, dropping what was buffered."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _reply_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
 
         def data_received(self, data: bytes) -> None:
-            if self.cycle is None or self.cycle.response_complete:  # a new request starts
-                self._arm()
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:  # h11 parsed a request line and headers
-                self._disarm()
+                self._header_timer = _cancel(self._header_timer)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._reply_timer is None:
+                self._reply_timer = self.loop.call_later(limits.reply_timeout_s, self._reply_stalled)
+
+        def resume_writing(self) -> None:
+            self._reply_timer = _cancel(self._reply_timer)
+            super().resume_writing()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._header_timer = _cancel(self._header_timer)
+            self._reply_timer = _cancel(self._reply_timer)
             super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout_s, self._expire)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _expire(self) -> None:
+        def _headers_late(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing():
-                LOG.info("closing %s: no complete request headers within %g s", self.client, header_timeout_s)
+                LOG.info("closing %s: no complete request headers within %g s", self.client,
+                         limits.header_timeout_s)
                 self.transport.close()
 
+        def _reply_stalled(self) -> None:
+            self._reply_timer = None
+            LOG.info("aborting %s: took none of its reply for %g s", self.client, limits.reply_timeout_s)
+            self.transport.abort()  # close() would wait for the buffer to drain
+
     return TimedH11Protocol
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 class BackgroundServer:
