@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--header-timeout-s", type=float, default=server.header_timeout_s,
                         help="time allowed to send the request line and headers (else closed)")
     parser.add_argument("--reply-timeout-s", type=float, default=server.reply_timeout_s,
-                        help="a client taking none of its reply for this long is disconnected")
+                        help="time a client has to drain a reply that filled the send buffer")
     parser.add_argument("--keep-alive-s", type=float, default=server.keep_alive_s,
                         help="idle keep-alive connections are closed after this")
     parser.add_argument("--max-connections", type=int, default=server.max_connections,

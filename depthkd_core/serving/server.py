@@ -56,8 +56,8 @@ class ServerLimits:
     - ``body_timeout_s``: the whole body must arrive within it (408 otherwise).
     - ``header_timeout_s``: a connection must complete its request line and headers
       within it, from its opening or its first byte after a reply; else it is closed.
-    - ``reply_timeout_s``: a client that takes none of its reply for this long (the
-      server's send buffer stays full) is disconnected, and the buffer freed.
+    - ``reply_timeout_s``: once a reply fills the server's send buffer, the client must
+      drain it within this time, or it is disconnected and the buffer freed.
     - ``keep_alive_s``: an idle keep-alive connection is closed after it.
     - ``max_connections``: a request arriving while this many connections are open gets
       uvicorn's 503 (its ``limit_concurrency``).
@@ -405,8 +405,8 @@ def _timed_protocol(limits: ServerLimits) -> type:
 
     - headers: the request line and headers must be complete ``header_timeout_s`` after
       the connection opened, or after its first byte following a reply; else closed.
-    - reply: while the send buffer stays full (asyncio paused writing) for
-      ``reply_timeout_s``, the connection is aborted, dropping what was buffered."""
+    - reply: if the send buffer, once full (asyncio paused writing), has not drained
+      within ``reply_timeout_s``, the connection is aborted, dropping what was buffered."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11Protocol(H11Protocol):
