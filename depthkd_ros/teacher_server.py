@@ -140,7 +140,8 @@ def limits_of(args: argparse.Namespace) -> tuple[TensorLimits, ServerLimits]:
                           max_json_reply_values=args.max_json_reply_values,
                           body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                           reply_timeout_s=args.reply_timeout_s, keep_alive_s=args.keep_alive_s,
-                          max_connections=args.max_connections, max_header_bytes=int(args.max_header_kb * 2**10))
+                          max_connections=args.max_connections,
+                          max_header_bytes=int(args.max_header_kb * 2**10))
     return tensors, server
 
 

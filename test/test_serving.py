@@ -782,8 +782,8 @@ def test_client_honours_retry_after_without_tripping_the_breaker() -> None:
     app, seen = _fake_teacher_app([503, 503], headers={"Retry-After": "2"})
     sleeps: list[float] = []
     images = np.random.default_rng(3).random((1, 3, 8, 8), dtype=np.float32)
-    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=3, backoff_s=0.01, breaker_failures=1,
-                                                     sleep=sleeps.append) as client:
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=3, backoff_s=0.01,
+                                                     breaker_failures=1, sleep=sleeps.append) as client:
         depth = client.infer(images)
     assert len(seen) == 3 and sleeps == [2, 2]  # Retry-After, not the 0.01/0.02 backoff
     assert np.array_equal(depth, images.mean(axis=1, keepdims=True))

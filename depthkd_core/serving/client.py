@@ -173,7 +173,8 @@ class TeacherClient:
             self.breaker.success()
             return result
         if busy is not None:
-            raise TeacherBusy(f"teacher at {self.url} busy on {self.retries + 1} attempts (last: {error})", busy)
+            raise TeacherBusy(f"teacher at {self.url} busy on {self.retries + 1} attempts (last: {error})",
+                              busy)
         raise TeacherUnavailable(f"teacher at {self.url} failed {self.retries + 1} attempts (last: {error})")
 
 

@@ -318,8 +318,9 @@ def create_app(teacher: Teacher, model_name: str, token: str | None = None,
         if refused is not None:
             return refused
         if not slots.take():  # before the body is read: refusing must cost no memory
-            return _error(503, f"busy: {slots.size} requests in progress; retry after "
-                               f"{server.retry_after_s} s", close=True, **{"Retry-After": str(server.retry_after_s)})
+            wait = str(server.retry_after_s)
+            return _error(503, f"busy: {slots.size} requests in progress; retry after {wait} s", close=True,
+                          **{"Retry-After": wait})
         try:
             return await _infer(request, batcher, limits, server, model_name)
         finally:
@@ -448,7 +449,7 @@ def _timed_protocol(limits: ServerLimits) -> type:
 
         def _reply_stalled(self) -> None:
             self._reply_timer = None
-            LOG.info("aborting %s: took none of its reply for %g s", self.client, limits.reply_timeout_s)
+            LOG.info("aborting %s: its reply not drained within %g s", self.client, limits.reply_timeout_s)
             self.transport.abort()  # close() would wait for the buffer to drain
 
     return TimedH11Protocol
@@ -470,7 +471,8 @@ class BackgroundServer:
                  startup_timeout_s: float = 20.0, **options: Any) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="warning", **options))
+        config = uvicorn_config(app, host=host, port=port, log_level="warning", **options)
+        self.server = uvicorn.Server(config)
         self.host, self.timeout = host, startup_timeout_s
         self.scheme = "https" if options.get("ssl_certfile") else "http"
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
