@@ -795,6 +795,12 @@ def test_client_honours_retry_after_without_tripping_the_breaker() -> None:
             client.infer(images)
         assert not client.breaker.is_open  # busy is alive: a later call still goes out
     assert len(seen) == 3 and sleeps == [5, 5] and busy.value.retry_after_s == 3600
+    app, seen = _fake_teacher_app([429, 408], headers={"Retry-After": "1"})  # a proxy's 429; a slow upload
+    sleeps.clear()
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=2, backoff_s=0.01,
+                                                     sleep=sleeps.append) as client:
+        assert client.infer(images).shape == (1, 1, 8, 8)
+    assert len(seen) == 3 and sleeps == [1, 0.02]
 
 
 def test_batcher_skips_a_request_abandoned_while_queued() -> None:

@@ -3,8 +3,9 @@
 Binary tensor extension both ways; exponential backoff on connection errors,
 timeouts, 5xx and malformed replies; no retry on 4xx (the request itself is wrong);
 a circuit breaker so a dead teacher costs a fast exception, not a timeout per call.
-A busy teacher (503 with Retry-After) is asked again no sooner than it says, within the
-same bounded number of attempts, and does not count as a failure: it is alive.
+A busy teacher (503 or 429 with Retry-After) is asked again no sooner than it says,
+within the same bounded number of attempts, and does not count as a failure: it is
+alive. A 408 (the upload was too slow) is retried like a 5xx.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class TeacherRequestError(ValueError):
 
 
 class TeacherBusy(TeacherUnavailable):
-    """Every attempt found the teacher busy (503 + Retry-After); ``retry_after_s`` is
-    what it asked for last."""
+    """Every attempt found the teacher busy (503/429 + Retry-After); ``retry_after_s``
+    is what it asked for last."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -74,7 +75,7 @@ class TeacherClient:
                  retries: int = 3, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                  breaker_failures: int = 5, breaker_cooldown_s: float = 30.0,
                  verify: bool | str = True, sleep: Callable[[float], None] = time.sleep,
-                 max_retry_after_s: float = 30.0) -> None:
+                 max_retry_after_s: float = 10.0) -> None:
         """``max_retry_after_s`` caps the wait a busy teacher's Retry-After may impose
         (a server's number must not stall the robot for hours)."""
         if retries < 0 or backoff_s < 0 or timeout_s <= 0 or max_retry_after_s < 0:
@@ -157,7 +158,8 @@ class TeacherClient:
                     LOG.info("teacher attempt %d/%d: %s; Retry-After %g s", attempt + 1,
                              self.retries + 1, error, busy)
                     continue
-                if 400 <= reply.status_code < 500:
+                # 408: the upload was too slow this time, not a wrong request.
+                if 400 <= reply.status_code < 500 and reply.status_code != 408:
                     raise TeacherRequestError(f"teacher refused ({reply.status_code}): {_reason(reply)}")
                 if reply.status_code != 200:
                     raise httpx.HTTPStatusError(f"{reply.status_code}: {_reason(reply)}",
@@ -179,9 +181,10 @@ class TeacherClient:
 
 
 def _retry_after(reply: httpx.Response) -> float | None:
-    """Seconds a 503's ``Retry-After`` (delta-seconds form) asks for; None if not such a reply."""
+    """Seconds a busy reply (503, or a proxy's 429) asks to wait in ``Retry-After``
+    (delta-seconds form); None if not such a reply."""
     value = reply.headers.get("retry-after", "").strip()
-    if reply.status_code != 503 or not value.isdigit():
+    if reply.status_code not in (429, 503) or not value.isdigit():
         return None
     return float(value)
 
