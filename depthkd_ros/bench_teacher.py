@@ -8,6 +8,10 @@ known ones), then for each phase resets the server's peak RSS (Linux
 --max-size, FP32 and UINT8), the largest JSON request and JSON reply, the request that
 once took the server to 2.4 GB (now refused), and ``--load`` times ``--max-inflight``
 concurrent largest requests (503 beyond the limit, not memory growth).
+
+Exits 1 unless the bounds hold: every largest allowed request answered, the 2.4 GB one
+refused with a 4xx, only 200s and 503s under load, and the peak under load within
+idle + max_inflight x (the largest single request's peak above idle).
 """
 
 from __future__ import annotations
@@ -155,9 +159,28 @@ def _load(url: str, pid: int, count: int, side: int) -> dict[str, Any]:
             "peak_rss_mb": round(memory["VmHWM"], 1), "rss_after_mb": round(memory["VmRSS"], 1)}
 
 
+def verdict(report: dict[str, Any]) -> list[str]:
+    """What breaks the bounds in ``report`` (empty: they hold)."""
+    phases, load, idle = report["phases"], report["load"], report["idle_rss_mb"]
+    problems = [f"{name}: {phase['status']}" for name, phase in phases.items()
+                if (phase["status"] == 200) != ("2.4 GB" not in name) or phase["status"] >= 500]
+    per_request = max(phase["peak_rss_mb"] for phase in phases.values()) - idle
+    bound = idle + report["limits"]["max_inflight"] * per_request
+    if load["other"]:
+        problems.append(f"under load, statuses other than 200/503: {load['other']}")
+    if load["peak_rss_mb"] > bound:
+        problems.append(f"peak under load {load['peak_rss_mb']} MB over the bound {bound:.0f} MB")
+    report["bound_mb"] = round(bound, 1)
+    return problems
+
+
 def main(argv: list[str] | None = None) -> None:
     report = run(argv)
+    problems = verdict(report)
     print(json.dumps(report, indent=2))
+    for problem in problems:
+        print(f"bench_teacher: bound broken: {problem}", file=sys.stderr)
+    raise SystemExit(1 if problems else 0)
 
 
 if __name__ == "__main__":
