@@ -143,7 +143,8 @@ def encode_message(header: dict[str, Any], key: str, tensors: dict[str, np.ndarr
         datatype = datatype_of(array)
         spec: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
         if binary:
-            raw = np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
+            # A view, not tobytes(): the body below is the only copy.
+            raw = memoryview(np.ascontiguousarray(array, dtype=DTYPES[datatype])).cast("B")
             spec["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
