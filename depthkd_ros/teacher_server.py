@@ -80,7 +80,8 @@ def strip_ros_args(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teacher_server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="teacher_server", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--teacher", required=True,
                         help="teacher: HF folder, .onnx, TorchScript archive or depthkd checkpoint")
     parser.add_argument("--model-name", default="teacher", help="name in /v2/models/<name>")
