@@ -9,4 +9,6 @@ VERBS: dict[str, tuple[str, str]] = {
                    "measure the live node: inference, overhead, rates, memory"),
     "bench-distill": ("depthkd_ros.tools.bench_distill",
                       "on-robot distillation loop: keyframes/s, teacher ms, steps/s, AbsRel"),
+    "bench-teacher": ("depthkd_ros.tools.bench_teacher",
+                      "teacher_server's peak memory under its largest allowed requests and under load"),
 }

@@ -26,6 +26,14 @@ ARGUMENTS = {
     "device": ("cpu", "torch device for torch teachers"),
     "max_batch": ("8", "images per teacher call"),
     "max_body_mb": ("64", "largest request accepted, MiB"),
+    # Bounds (docs/teacher_server.md, "Bounds"); empty: the program's default.
+    "max_json_mb": ("", "largest JSON part of a request, MiB"),
+    "max_pixels": ("", "largest batch*height*width of a request"),
+    "max_inflight": ("", "requests in progress at once; more get 503 + Retry-After"),
+    "max_json_reply_values": ("", "largest depth answered as JSON"),
+    "body_timeout_s": ("", "time allowed to send a request body"),
+    "header_timeout_s": ("", "time allowed to send the request headers"),
+    "max_connections": ("", "open connections; a request beyond gets 503"),
     "ssl_keyfile": ("", "TLS private key (with ssl_certfile)"),
     "ssl_certfile": ("", "TLS certificate chain (with ssl_keyfile)"),
 }

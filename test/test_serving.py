@@ -3,6 +3,7 @@ FastDepth ONNX teacher, limits, auth, batching, retries and the circuit breaker.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -26,15 +27,15 @@ httpx = pytest.importorskip("httpx")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 
-from depthkd_core.serving.client import (CircuitBreaker, TeacherClient, TeacherRequestError,  # noqa: E402
-                                         TeacherUnavailable)
+from depthkd_core.serving.client import (CircuitBreaker, TeacherBusy, TeacherClient,  # noqa: E402
+                                         TeacherRequestError, TeacherUnavailable)
 from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,  # noqa: E402
                                            decode_message, encode_message)
-from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
+from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits, create_app  # noqa: E402
 from depthkd_ros import teacher_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-from helpers import FASTDEPTH, TUM as TUM_DIR
+from helpers import FASTDEPTH, TUM as TUM_DIR, wait_until
 
 TUM = TUM_DIR / "tum_color.png"
 TOKEN = "s3cret-token"
@@ -224,15 +225,16 @@ def test_concurrent_requests_are_batched(served: Any) -> None:
         assert np.allclose(results[i], _direct(served.teacher, images[i]), atol=1e-5)
 
 
-def _fake_teacher_app(statuses: list[int], garbage: bool = False) -> tuple[FastAPI, list[int]]:
-    """Answers with ``statuses`` in turn (then 200: depth = mean image colour)."""
+def _fake_teacher_app(statuses: list[int], garbage: bool = False,
+                      headers: dict[str, str] | None = None) -> tuple[FastAPI, list[int]]:
+    """Answers with ``statuses`` (and ``headers``) in turn (then 200: depth = mean image colour)."""
     app, seen = FastAPI(), []
 
     @app.post("/v2/models/fake/infer")
     async def infer(request: Request) -> Response:
         seen.append(1)
         if len(seen) <= len(statuses):
-            return JSONResponse({"error": "boom"}, status_code=statuses[len(seen) - 1])
+            return JSONResponse({"error": "boom"}, status_code=statuses[len(seen) - 1], headers=headers)
         if garbage:
             return Response(b"\x00garbage", headers={HEADER_LENGTH: "3"})
         _, tensors = decode_message(await request.body(), request.headers[HEADER_LENGTH], "inputs")
@@ -333,6 +335,26 @@ def test_server_program_is_secure_by_default(tmp_path: Path, capsys: Any) -> Non
     assert teacher_server.read_token(args) == "abc"
 
 
+def test_server_program_takes_every_bound_as_a_flag() -> None:
+    parse = teacher_server.build_parser().parse_args
+    tensors, server = teacher_server.limits_of(parse(["--teacher", "t"]))
+    assert (tensors, server) == (TensorLimits(), ServerLimits())  # documented defaults, one source
+    argv = ["--teacher", "t", "--max-body-mb", "2", "--max-json-mb", "0.5", "--max-size", "640",
+            "--max-pixels", "1000", "--max-inflight", "3", "--retry-after-s", "7",
+            "--max-json-reply-values", "99", "--body-timeout-s", "4", "--header-timeout-s", "5",
+            "--reply-timeout-s", "3", "--keep-alive-s", "6", "--max-connections", "9", "--max-header-kb", "8"]
+    tensors, server = teacher_server.limits_of(parse(argv))
+    assert (tensors.max_body_bytes, tensors.max_json_bytes, tensors.max_height, tensors.max_pixels) == (
+        2 << 20, 1 << 19, 640, 1000)
+    assert server == ServerLimits(max_inflight=3, retry_after_s=7, max_json_reply_values=99,
+                                  body_timeout_s=4, header_timeout_s=5, reply_timeout_s=3, keep_alive_s=6,
+                                  max_connections=9, max_header_bytes=8192)
+    for flag, value in (("--max-inflight", "0"), ("--max-pixels", "0"), ("--header-timeout-s", "0"),
+                        ("--max-size", "4"), ("--max-connections", "-1")):
+        with pytest.raises(SystemExit, match="must be"):
+            teacher_server.main(["--teacher", "t", flag, value])
+
+
 def test_server_program_serves(tmp_path: Path) -> None:
     """The console-script entry point really serves, on loopback, with a token, and stops
     quietly on Ctrl-C as ros2 launch delivers it: twice (uvicorn took the second one as
@@ -396,7 +418,11 @@ def test_launch_file_builds_the_command(monkeypatch: pytest.MonkeyPatch) -> None
     parsed = teacher_server.build_parser().parse_args(argv)  # the program accepts what launch passes
     assert (parsed.teacher, parsed.token_file) == ("/m/t.onnx", "/k/tok")
     assert (parsed.host, parsed.port, parsed.max_batch) == ("127.0.0.1", 8000, 8)
-    assert "--ssl-keyfile" not in argv
+    assert "--ssl-keyfile" not in argv and "--max-inflight" not in argv  # empty: the program's default
+    context.launch_configurations.update(max_inflight="2", header_timeout_s="3")
+    (node,) = opaque.kwargs["function"](context)
+    bounds = teacher_server.limits_of(teacher_server.build_parser().parse_args(node.kwargs["arguments"]))[1]
+    assert (bounds.max_inflight, bounds.header_timeout_s) == (2, 3.0)
     with pytest.raises(ValueError, match="teacher:="):
         opaque.kwargs["function"](types.SimpleNamespace(launch_configurations=declared))
 
@@ -443,3 +469,359 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
         with TeacherClient(url, "f", token=TOKEN, retries=0) as untrusting:  # system CAs only
             with pytest.raises(TeacherUnavailable, match="(?i)certificate"):
                 untrusting.infer(np.zeros((1, 3, 24, 24), np.float32))
+
+
+# -- hostile requests, bounds, slow clients --------------------------------------------
+
+
+class _CountingTeacher:
+    """depth = 2 everywhere; ``calls`` counts teacher runs; with ``gate`` each call first
+    reports itself (``entered``) and waits for ``gate`` to open."""
+
+    name, is_metric, is_inverse = "counting", True, False
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.calls, self.gate, self.entered = 0, gate, threading.Event()
+
+    def __call__(self, images: Any) -> Any:
+        self.calls += 1
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"
+        return images[:, :1] * 0 + 2
+
+
+HOSTILE_LIMITS = TensorLimits(max_batch=4, max_height=512, max_width=512, max_pixels=4 * 64 * 64,
+                              max_body_bytes=1 << 20, max_json_bytes=256 << 10)
+HOSTILE_SERVER = ServerLimits(max_json_reply_values=2 * 16 * 16)
+GOOD = {"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.5] * 192}
+
+
+def _request(**fields: Any) -> bytes:
+    return json.dumps({"inputs": [GOOD], **fields}).encode()
+
+
+def _tensor(**fields: Any) -> bytes:
+    return json.dumps({"inputs": [{**GOOD, **fields}]}).encode()
+
+
+def _bin(spec: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "image", **spec}]}).encode()
+    return header + payload, {HEADER_LENGTH: str(len(header))}
+
+
+NAN = np.full((1, 3, 8, 8), 0.5, np.float32)
+NAN[0, 1, 2, 3] = np.nan
+INF = np.full((1, 3, 8, 8), np.inf, np.float32)
+DEEP = b"[" * 100_000 + b"]" * 100_000
+FP32_8 = {"shape": [1, 3, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 768}}
+
+# name -> (body, extra headers, status, reason regex)
+HOSTILE: dict[str, tuple[bytes, dict[str, str], int, str]] = {
+    # structure
+    "empty body": (b"", {}, 400, "not valid JSON"),
+    "nested JSON": (DEEP, {}, 400, "nested too deeply"),
+    "nested data": (_tensor(data=json.loads("[" * 500 + "]" * 500)), {}, 400, "values for shape"),
+    "deep data": (b'{"inputs": [{"name": "image", "shape": [1,3,8,8], "datatype": "FP32", "data": '
+                  + DEEP + b"}]}", {}, 400, "nested too deeply"),
+    "not UTF-8": (b"\xff\xfe{}", {}, 400, "not valid JSON"),
+    "JSON list": (b"[1, 2]", {}, 400, "non-empty 'inputs'"),
+    "huge integer": (b'{"inputs": [{"name": "image", "shape": [' + b"9" * 5000 + b', 3, 8, 8]}]}', {},
+                     400, "not valid JSON"),
+    "unknown field": (_request(priority=1), {}, 400, r"unsupported field\(s\) \['priority'\]"),
+    "id not a string": (_request(id=5), {}, 400, "'id' must be a string"),
+    # outputs and parameters: checked before the teacher runs, not after
+    "outputs 5": (_request(outputs=5), {}, 400, "'outputs' must be a list"),
+    "outputs of strings": (_request(outputs=["depth"]), {}, 400, "each output must be a JSON object"),
+    "unknown output": (_request(outputs=[{"name": "normals"}]), {}, 400, "'normals' unknown"),
+    "output twice": (_request(outputs=[{"name": "depth"}] * 2), {}, 400, "asked twice"),
+    "binary_data not bool": (_request(outputs=[{"name": "depth", "parameters": {"binary_data": "yes"}}]),
+                             {}, 400, "binary_data must be true or false"),
+    "output parameter": (_request(outputs=[{"name": "depth", "parameters": {"classification": 3}}]),
+                         {}, 400, "unsupported field"),
+    "parameters 5": (_request(parameters=5), {}, 400, "'parameters' must be a JSON object"),
+    "binary_data_output 1": (_request(parameters={"binary_data_output": 1}), {}, 400, "true or false"),
+    "misspelt parameter": (_request(parameters={"binary_data_ouput": True}), {}, 400, "binary_data_ouput"),
+    # inputs
+    "inputs 5": (json.dumps({"inputs": 5}).encode(), {}, 400, "non-empty 'inputs'"),
+    "input not object": (json.dumps({"inputs": [5]}).encode(), {}, 400, "JSON object"),
+    "no name": (_tensor(name=None), {}, 400, "without a 'name'"),
+    "name 5": (_tensor(name=5), {}, 400, "without a 'name'"),
+    "wrong name": (_tensor(name="rgb"), {}, 400, "exactly one input 'image'"),
+    "two inputs": (json.dumps({"inputs": [GOOD, {**GOOD, "name": "b"}]}).encode(), {}, 400, "exactly one"),
+    "same input twice": (json.dumps({"inputs": [GOOD, GOOD]}).encode(), {}, 400, "given twice"),
+    "input field": (_tensor(contents=[1]), {}, 400, r"unsupported field\(s\) \['contents'\]"),
+    "shared memory": (_tensor(parameters={"shared_memory_region": "r"}), {}, 400, "shared_memory_region"),
+    "datatype 5": (_tensor(datatype=5), {}, 400, "datatype 5 not allowed"),
+    "datatype INT8": (_tensor(datatype="INT8"), {}, 400, "'INT8' not allowed"),
+    "shape string": (_tensor(shape="1,3,8,8"), {}, 400, "shape must be a list"),
+    "shape bools": (_tensor(shape=[True, 3, 8, 8]), {}, 400, "shape must be a list"),
+    "shape negative": (_tensor(shape=[1, 3, -8, 8]), {}, 400, "non-negative"),
+    "shape rank": (_tensor(shape=[3, 8, 8]), {}, 400, "rank 3"),
+    "shape huge": (_tensor(shape=[10**30, 3, 8, 8]), {}, 400, "batch .* outside"),
+    "shape zero": (_tensor(shape=[0, 3, 8, 8], data=[]), {}, 400, "batch 0 outside"),
+    "too tall": (_tensor(shape=[1, 3, 10**12, 8]), {}, 400, "height .* outside"),
+    "too many pixels": (_tensor(shape=[4, 3, 128, 128]), {}, 413, "pixels exceeds 16384"),
+    "channels": (_tensor(shape=[1, 1, 8, 8], data=[0.5] * 64), {}, 400, r"\(B,3,H,W\)"),
+    # data
+    "data missing": (_tensor(data=None), {}, 400, "'data' must be a flat list"),
+    "data object": (_tensor(data={"0": 1}), {}, 400, "'data' must be a flat list"),
+    "data strings": (_tensor(data=["0.5"] * 192), {}, 400, "found str"),
+    "data bools": (_tensor(data=[True] * 192), {}, 400, "found bool"),
+    "data with null": (_tensor(data=[0.5] * 191 + [None]), {}, 400, "found NoneType"),
+    "data count": (_tensor(data=[0.5] * 10), {}, 400, "10 values for shape"),
+    "UINT8 floats": (_tensor(datatype="UINT8", data=[0.5] * 192), {}, 400, "found float"),
+    "UINT8 range": (_tensor(datatype="UINT8", data=[256] * 192), {}, 400, "not a list of UINT8"),
+    "UINT8 negative": (_tensor(datatype="UINT8", data=[-1] * 192), {}, 400, "not a list of UINT8"),
+    "JSON NaN": (_request().replace(b"0.5]", b"NaN]"), {}, 400, "NaN or infinite"),
+    "JSON Infinity": (_request().replace(b"0.5]", b"-Infinity]"), {}, 400, "NaN or infinite"),
+    "beyond FP32": (_request().replace(b"0.5]", b"1e39]"), {}, 400, "NaN or infinite"),
+    "0..255 as FP32": (_tensor(data=[255.0] * 192), {}, 400, r"in \[0,1\], got \[255, 255\].*UINT8"),
+    "negative FP32": (_tensor(data=[-0.5] * 192), {}, 400, r"\[0,1\]"),
+    # binary extension
+    "binary NaN": (*_bin(FP32_8, NAN.tobytes()), 400, "NaN or infinite"),
+    "binary inf": (*_bin(FP32_8, INF.tobytes()), 400, "NaN or infinite"),
+    "dtype mismatch": (*_bin({**FP32_8, "datatype": "UINT8"}, bytes(768)), 400, "needs 192 bytes"),
+    "size mismatch": (*_bin({**FP32_8, "parameters": {"binary_data_size": 100}}, bytes(100)), 400,
+                      "needs 768 bytes"),
+    "size as string": (*_bin({**FP32_8, "parameters": {"binary_data_size": "768"}}, bytes(768)), 400,
+                       "binary_data_size '768'"),
+    "size negative": (*_bin({**FP32_8, "parameters": {"binary_data_size": -768}}, bytes(768)), 400,
+                      "needs 768 bytes"),
+    "truncated binary": (*_bin(FP32_8, bytes(700)), 400, "ends 68 bytes early"),
+    "trailing bytes": (*_bin(FP32_8, bytes(800)), 400, "32 unclaimed bytes"),
+    "header length text": (_request(), {HEADER_LENGTH: "abc"}, 400, "not an integer"),
+    "header length 0": (_request(), {HEADER_LENGTH: "0"}, 400, "outside 1"),
+    "header length past end": (_request(), {HEADER_LENGTH: "99999"}, 400, "outside 1"),
+    "header length mid-JSON": (_request(), {HEADER_LENGTH: "20"}, 400, "not valid JSON"),
+    # sizes and media types
+    "JSON too big": (_tensor(data=[0.5] * 70_000), {}, 413, "limit for JSON requests"),
+    "body too big": (bytes((1 << 20) + 1), {HEADER_LENGTH: "1"}, 413, "limit for requests"),
+    "JSON reply too big": (_tensor(shape=[1, 3, 24, 24], data=[0.5] * 1728), {}, 400, "ask for binary"),
+    "text/plain": (_request(), {"Content-Type": "text/plain"}, 415, "not supported"),
+    "form": (_request(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, "not supported"),
+    "multipart": (_request(), {"Content-Type": "multipart/form-data; boundary=x"}, 415, "not supported"),
+}
+
+
+@pytest.fixture(scope="module")
+def counted() -> Any:
+    teacher = _CountingTeacher()
+    app = create_app(teacher, "c", token=TOKEN, limits=HOSTILE_LIMITS, max_wait_ms=0, server=HOSTILE_SERVER)
+    with BackgroundServer(app) as url:
+        yield types.SimpleNamespace(url=url, teacher=teacher, auth={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_hostile_requests_get_4xx_with_a_reason_before_the_teacher_runs(counted: Any) -> None:
+    infer = f"{counted.url}/v2/models/c/infer"
+    with httpx.Client(timeout=30) as http:
+        for name, (body, headers, status, reason) in HOSTILE.items():
+            reply = http.post(infer, content=body, headers={**counted.auth, **headers})
+            assert reply.status_code == status, (name, reply.status_code, reply.text[:300])
+            assert re.search(reason, reply.json()["error"]), (name, reply.json())
+        assert counted.teacher.calls == 0  # every defect found before the teacher ran
+        # The same requests made right are answered, JSON and binary alike.
+        ok = http.post(infer, content=_request(id="ok"), headers=counted.auth)
+        assert ok.status_code == 200 and ok.json()["id"] == "ok"
+        body, headers = _bin(FP32_8, np.full((1, 3, 8, 8), 0.5, np.float32).tobytes())
+        ok = http.post(infer, content=body, headers={**counted.auth, **headers,
+                                                     "Content-Type": "application/octet-stream"})
+        assert ok.status_code == 200 and counted.teacher.calls == 2
+        big = json.dumps({"inputs": [{**GOOD, "shape": [1, 3, 24, 24], "data": [0.5] * 1728}],
+                          "outputs": [{"name": "depth", "parameters": {"binary_data": True}}]}).encode()
+        ok = http.post(infer, content=big, headers=counted.auth)  # too big as JSON, fine in binary
+        assert ok.status_code == 200 and int(ok.headers[HEADER_LENGTH]) < len(ok.content)
+
+
+def test_bearer_scheme_is_case_insensitive_and_blank_tokens_are_refused(counted: Any,
+                                                                         monkeypatch: Any) -> None:
+    meta = f"{counted.url}/v2/models/c"
+    for value in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer   {TOKEN}", f"bEaReR {TOKEN}"):
+        assert httpx.get(meta, headers={"Authorization": value}).status_code == 200, value
+    for value in (f"Basic {TOKEN}", f"Bearer{TOKEN}", f"Bearer {TOKEN}x", "Bearer", ""):
+        assert httpx.get(meta, headers={"Authorization": value}).status_code == 401, value
+    for blank in ("", " ", "\t", " \n "):
+        with pytest.raises(SystemExit, match="bearer token must be non-blank"):
+            teacher_server.main(["--teacher", "t", "--host", "0.0.0.0", "--token", blank])
+        with pytest.raises(SystemExit, match="bearer token must be non-blank"):  # even on loopback
+            teacher_server.main(["--teacher", "t", "--token", blank])
+        with pytest.raises(ValueError, match="non-blank"):
+            create_app(_CountingTeacher(), "c", token=blank)
+    monkeypatch.setenv(teacher_server.TOKEN_ENV, "  ")
+    with pytest.raises(SystemExit, match="non-blank"):
+        teacher_server.main(["--teacher", "t", "--host", "0.0.0.0"])
+    with pytest.raises(SystemExit, match="non-blank"):  # HTTP strips it: it could never match
+        teacher_server.main(["--teacher", "t", "--token", "abc "])
+
+
+def _raw(url: str, data: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(data)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's own
+    timeout fails the test if it never does)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:  # closed with data unread on its side: closed all the same
+        pass
+    sock.close()
+    return b"".join(chunks)
+
+
+def _post_head(path: str, length: int, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def test_work_beyond_the_limit_gets_503_and_retry_after_without_reading_the_body() -> None:
+    gate = threading.Event()
+    teacher = _CountingTeacher(gate)
+    server = ServerLimits(max_inflight=2, retry_after_s=3)
+    app = create_app(teacher, "c", token=TOKEN, max_batch=1, max_wait_ms=0, server=server)
+    image = np.full((1, 3, 8, 8), 0.5, np.float32)
+    with BackgroundServer(app) as url:
+        results: list[Any] = []
+
+        def ask() -> None:
+            with TeacherClient(url, "c", token=TOKEN, retries=0) as client:
+                results.append(client.infer(image))
+
+        threads = [threading.Thread(target=ask) for _ in range(server.max_inflight)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: teacher.entered.is_set() and app.state.slots.busy == server.max_inflight,
+                   what="two requests in progress, one in the teacher")
+        # The N+1th: refused from its headers, before any of its (announced) body is sent.
+        sock = _raw(url, _post_head("/v2/models/c/infer", 900_000, f"{HEADER_LENGTH}: 10\r\n"))
+        reply = _read_all(sock).decode()
+        assert reply.startswith("HTTP/1.1 503") and "retry-after: 3" in reply.lower(), reply
+        assert "busy: 2 requests in progress" in reply
+        with TeacherClient(url, "c", token=TOKEN, retries=0) as client:
+            with pytest.raises(TeacherBusy, match="busy") as busy:
+                client.infer(image)
+            assert busy.value.retry_after_s == 3 and client.breaker.consecutive == 0
+        assert teacher.calls == 1 and app.state.slots.busy == server.max_inflight
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(results) == 2 and all(np.array_equal(r, np.full((1, 1, 8, 8), 2, np.float32))
+                                         for r in results)
+        wait_until(lambda: app.state.slots.busy == 0, what="slots given back")
+        with TeacherClient(url, "c", token=TOKEN, retries=0) as client:
+            assert client.infer(image).shape == (1, 1, 8, 8)
+
+
+def test_slow_and_idle_connections_are_closed_after_their_timeouts(caplog: Any) -> None:
+    server = ServerLimits(header_timeout_s=0.3, body_timeout_s=0.3, keep_alive_s=0.3, max_header_bytes=2048)
+    app = create_app(_CountingTeacher(), "c", token=TOKEN, max_wait_ms=0, server=server)
+    with BackgroundServer(app) as url:
+        silent = [_raw(url, b"") for _ in range(5)]  # connect, send nothing
+        dribbling = [_raw(url, b"POST /v2/models/c/infer HTTP/1.1\r\nHost: t\r\n") for _ in range(3)]
+        for sock in silent + dribbling:
+            assert _read_all(sock) == b""  # closed by the server, without an answer
+        slow_body = _raw(url, _post_head("/v2/models/c/infer", 1000, f"{HEADER_LENGTH}: 10\r\n") + b"x" * 10)
+        reply = _read_all(slow_body).decode()
+        assert reply.startswith("HTTP/1.1 408") and "not received within 0.3 s" in reply, reply
+        head = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n"
+        idle = _raw(url, head + b"\r\n")  # answered, then idle on keep-alive
+        assert _read_all(idle).startswith(b"HTTP/1.1 200")
+        huge = _raw(url, head + b"X-Pad: " + b"a" * 4096)  # headers that never end
+        assert _read_all(huge).startswith(b"HTTP/1.1 400")
+        # A client that vanishes mid-body is no server error, and gives its slot back.
+        gone = _raw(url, _post_head("/v2/models/c/infer", 1000, f"{HEADER_LENGTH}: 10\r\n") + b"x" * 10)
+        wait_until(lambda: app.state.slots.busy == 1, what="the request in progress")
+        gone.close()
+        wait_until(lambda: app.state.slots.busy == 0, what="the slot given back")
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    assert "unhandled error" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_client_that_takes_none_of_its_reply_is_disconnected() -> None:
+    server = ServerLimits(reply_timeout_s=0.3, keep_alive_s=600)  # only the reply timeout may close it
+    app = create_app(_CountingTeacher(), "c", max_wait_ms=0, server=server)
+    background = BackgroundServer(app)
+    images = np.zeros((1, 3, 2048, 2048), np.uint8)  # a 16 MiB depth: more than the socket buffers
+    body, length = encode_message({"outputs": [{"name": "depth", "parameters": {"binary_data": True}}]},
+                                  "inputs", {"image": images}, binary=True)
+    with background as url:
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the reply cannot hide in it
+        sock.settimeout(20)
+        sock.connect((host, int(port)))
+        sock.sendall(_post_head("/v2/models/c/infer", len(body), f"{HEADER_LENGTH}: {length}\r\n") + body)
+        connections = background.server.server_state.connections
+        wait_until(lambda: not connections, timeout=30, what="the stalled reader disconnected")
+        received = len(_read_all(sock))
+    assert 0 < received < 16 << 20  # cut off, its buffer dropped
+
+
+def test_connections_beyond_the_limit_get_503() -> None:
+    app = create_app(_CountingTeacher(), "c", max_wait_ms=0, server=ServerLimits(max_connections=3))
+    background = BackgroundServer(app)
+    with background as url:
+        held = [_raw(url, b"") for _ in range(2)]
+        connections = background.server.server_state.connections
+        wait_until(lambda: len(connections) == 2, what="two idle connections accepted")
+        with httpx.Client() as http:
+            assert http.get(f"{url}/v2/health/live").status_code == 503
+        for sock in held:
+            sock.close()
+        with httpx.Client() as http:
+            assert wait_until(lambda: http.get(f"{url}/v2/health/live").status_code == 200,
+                              what="connections freed")
+
+
+def test_client_honours_retry_after_without_tripping_the_breaker() -> None:
+    app, seen = _fake_teacher_app([503, 503], headers={"Retry-After": "2"})
+    sleeps: list[float] = []
+    images = np.random.default_rng(3).random((1, 3, 8, 8), dtype=np.float32)
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=3, backoff_s=0.01,
+                                                     breaker_failures=1, sleep=sleeps.append) as client:
+        depth = client.infer(images)
+    assert len(seen) == 3 and sleeps == [2, 2]  # Retry-After, not the 0.01/0.02 backoff
+    assert np.array_equal(depth, images.mean(axis=1, keepdims=True))
+    app, seen = _fake_teacher_app([503] * 5, headers={"Retry-After": "3600"})
+    sleeps.clear()
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=2, breaker_failures=1,
+                                                     max_retry_after_s=5, sleep=sleeps.append) as client:
+        with pytest.raises(TeacherBusy, match="busy on 3 attempts.*boom") as busy:
+            client.infer(images)
+        assert not client.breaker.is_open  # busy is alive: a later call still goes out
+    assert len(seen) == 3 and sleeps == [5, 5] and busy.value.retry_after_s == 3600
+    app, seen = _fake_teacher_app([429, 408], headers={"Retry-After": "1"})  # a proxy's 429; a slow upload
+    sleeps.clear()
+    with BackgroundServer(app) as url, TeacherClient(url, "fake", retries=2, backoff_s=0.01,
+                                                     sleep=sleeps.append) as client:
+        assert client.infer(images).shape == (1, 1, 8, 8)
+    assert len(seen) == 3 and sleeps == [1, 0.02]
+
+
+def test_batcher_skips_a_request_abandoned_while_queued() -> None:
+    """An abandoned request gives its slot back at once: its queued job must not still
+    cost a teacher call (and memory) later."""
+    gate = threading.Event()
+    teacher = _CountingTeacher(gate)
+    image = np.full((1, 3, 8, 8), 0.5, np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(teacher, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(image))
+        await asyncio.get_running_loop().run_in_executor(None, teacher.entered.wait)
+        second = asyncio.ensure_future(batcher.submit(image))
+        await asyncio.sleep(0)  # one step: the job is queued, the request awaits its answer
+        second.cancel()
+        gate.set()
+        assert (await first).shape == (1, 1, 8, 8)
+        assert (await batcher.submit(image)).shape == (1, 1, 8, 8)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert teacher.calls == 2

@@ -3,6 +3,9 @@
 Binary tensor extension both ways; exponential backoff on connection errors,
 timeouts, 5xx and malformed replies; no retry on 4xx (the request itself is wrong);
 a circuit breaker so a dead teacher costs a fast exception, not a timeout per call.
+A busy teacher (503 or 429 with Retry-After) is asked again no sooner than it says,
+within the same bounded number of attempts, and does not count as a failure: it is
+alive. A 408 (the upload was too slow) is retried like a 5xx.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ class TeacherUnavailable(RuntimeError):
 
 class TeacherRequestError(ValueError):
     """The teacher refused the request (4xx): retrying the same request will not help."""
+
+
+class TeacherBusy(TeacherUnavailable):
+    """Every attempt found the teacher busy (503/429 + Retry-After); ``retry_after_s``
+    is what it asked for last."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class CircuitBreaker:
@@ -62,12 +74,16 @@ class TeacherClient:
     def __init__(self, url: str, model_name: str, token: str | None = None, timeout_s: float = 10.0,
                  retries: int = 3, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                  breaker_failures: int = 5, breaker_cooldown_s: float = 30.0,
-                 verify: bool | str = True, sleep: Callable[[float], None] = time.sleep) -> None:
-        if retries < 0 or backoff_s < 0 or timeout_s <= 0:
-            raise ValueError(f"need retries >= 0, backoff_s >= 0, timeout_s > 0; "
-                             f"got {retries}, {backoff_s}, {timeout_s}")
+                 verify: bool | str = True, sleep: Callable[[float], None] = time.sleep,
+                 max_retry_after_s: float = 10.0) -> None:
+        """``max_retry_after_s`` caps the wait a busy teacher's Retry-After may impose
+        (a server's number must not stall the robot for hours)."""
+        if retries < 0 or backoff_s < 0 or timeout_s <= 0 or max_retry_after_s < 0:
+            raise ValueError(f"need retries >= 0, backoff_s >= 0, timeout_s > 0, max_retry_after_s >= 0; "
+                             f"got {retries}, {backoff_s}, {timeout_s}, {max_retry_after_s}")
         self.url, self.model_name = url.rstrip("/"), model_name
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.max_retry_after_s = max_retry_after_s
         self.sleep = sleep
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -125,16 +141,25 @@ class TeacherClient:
     def _call(self, send: Callable[[], httpx.Response],
               parse: Callable[[httpx.Response], Any] = lambda reply: reply) -> Any:
         """``send`` with retries, backoff and the breaker; ``parse`` failures count as failures."""
-        error = "no attempt made"
+        error, busy = "no attempt made", None
         for attempt in range(self.retries + 1):
             if self.breaker.is_open:
                 raise TeacherUnavailable(f"teacher at {self.url} circuit open for "
                                          f"{self.breaker.seconds_left():.1f} s more (last: {error})")
             if attempt:
-                self.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+                backoff = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                self.sleep(backoff if busy is None else max(backoff, min(busy, self.max_retry_after_s)))
+            busy = None
             try:
                 reply = send()
-                if 400 <= reply.status_code < 500:
+                busy = _retry_after(reply)
+                if busy is not None:
+                    error = f"busy ({reply.status_code}): {_reason(reply)}"
+                    LOG.info("teacher attempt %d/%d: %s; Retry-After %g s", attempt + 1,
+                             self.retries + 1, error, busy)
+                    continue
+                # 408: the upload was too slow this time, not a wrong request.
+                if 400 <= reply.status_code < 500 and reply.status_code != 408:
                     raise TeacherRequestError(f"teacher refused ({reply.status_code}): {_reason(reply)}")
                 if reply.status_code != 200:
                     raise httpx.HTTPStatusError(f"{reply.status_code}: {_reason(reply)}",
@@ -149,7 +174,19 @@ class TeacherClient:
                 continue
             self.breaker.success()
             return result
+        if busy is not None:
+            raise TeacherBusy(f"teacher at {self.url} busy on {self.retries + 1} attempts (last: {error})",
+                              busy)
         raise TeacherUnavailable(f"teacher at {self.url} failed {self.retries + 1} attempts (last: {error})")
+
+
+def _retry_after(reply: httpx.Response) -> float | None:
+    """Seconds a busy reply (503, or a proxy's 429) asks to wait in ``Retry-After``
+    (delta-seconds form); None if not such a reply."""
+    value = reply.headers.get("retry-after", "").strip()
+    if reply.status_code not in (429, 503) or not value.isdigit():
+        return None
+    return float(value)
 
 
 def _reason(reply: httpx.Response) -> str:
