@@ -35,11 +35,11 @@ from depthkd_core.inference import (
 )
 from depthkd_core.stamps import RecentByStamp
 from depthkd_ros.conversions import (
+    MAX_DECODED_PIXELS,
     camera_info_to_intrinsics,
-    compressed_to_rgb,
+    decode_rgb,
     depth_image_to_numpy,
     depth_to_image,
-    image_to_rgb,
     intrinsics_to_camera_info,
     points_to_pointcloud2,
     rgb_to_image,
@@ -101,6 +101,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=tuple(RELIABILITY)),
     ParamSpec("output_depth", 1, "QoS history depth of the outputs", 1, 100),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
+    ParamSpec("max_decoded_pixels", MAX_DECODED_PIXELS, "largest image (width x height) "
+              "decoded, raw or compressed; a PNG/JPEG declaring more is refused from its "
+              "header before decoding (decompression bombs). Default 4096x4096", 1, 1 << 30),
 )
 
 
@@ -224,6 +227,7 @@ class DepthNode(SetupNode):
         self._info_arrived = threading.Condition(self._lock)
         self._info_sync = values["camera_info_sync"]
         self._info_tolerance_ns = int(values["camera_info_tolerance"] * 1e9)
+        self._max_pixels = values["max_decoded_pixels"]
         self._sparse: Image | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -362,8 +366,9 @@ class DepthNode(SetupNode):
                 self.stats.add("unwanted")  # nobody listens: skip inference entirely
                 return
             info = self._paired_info(msg)
-            rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
-            sparse_m = depth_image_to_numpy(sparse) if sparse is not None else None
+            rgb = decode_rgb(msg, self._max_pixels)
+            sparse_m = (depth_image_to_numpy(sparse, self._max_pixels) if sparse is not None
+                        else None)
             result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.

@@ -1,0 +1,1 @@
+"""Command-line tools that drive the ROS nodes from outside."""
