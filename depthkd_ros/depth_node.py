@@ -23,7 +23,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depthkd_core.export.runtime import OnnxDepthModel
-from depthkd_core.geometry import colorize_depth
+from depthkd_core.geometry import Intrinsics, IntrinsicsBounds, colorize_depth
 from depthkd_core.inference import (
     ALIGNMENTS,
     OUTPUT_RESOLUTIONS,
@@ -104,6 +104,14 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_decoded_pixels", MAX_DECODED_PIXELS, "largest image (width x height) "
               "decoded, raw or compressed; a PNG/JPEG declaring more is refused from its "
               "header before decoding (decompression bombs). Default 4096x4096", 1, 1 << 30),
+    ParamSpec("min_focal_ratio", IntrinsicsBounds.min_focal, "smallest plausible camera_info "
+              "focal length in image sizes (fx / width, fy / height; 0.1 = 157 deg field of "
+              "view); a frame whose camera_info is below it is skipped", 1e-3, 10.0),
+    ParamSpec("max_focal_ratio", IntrinsicsBounds.max_focal, "largest plausible focal length "
+              "in image sizes (100 = 0.6 deg field of view)", 1.0, 1e4),
+    ParamSpec("max_principal_offset", IntrinsicsBounds.principal_margin, "farthest plausible "
+              "principal point from the image centre, in image sizes (1 = half an image "
+              "outside the image)", 0.0, 100.0),
 )
 
 
@@ -131,6 +139,17 @@ def estimator_config(values: dict[str, Any]) -> EstimatorConfig:
                            input_size=size if size[0] else None)
 
 
+def intrinsics_bounds(values: dict[str, Any]) -> IntrinsicsBounds:
+    """The plausible-intrinsics parameters (ValueError names them) -> IntrinsicsBounds."""
+    try:
+        return IntrinsicsBounds(min_focal=values["min_focal_ratio"],
+                                max_focal=values["max_focal_ratio"],
+                                principal_margin=values["max_principal_offset"])
+    except ValueError as exc:
+        raise ValueError(f"min_focal_ratio / max_focal_ratio / max_principal_offset: "
+                         f"{exc}") from None
+
+
 def load_estimator(values: dict[str, Any]) -> DepthEstimator:
     """Load, check (input size, a dry run on a black frame) and wrap the configured model."""
     config = estimator_config(values)  # reject bad values before the slow model load
@@ -141,7 +160,8 @@ def load_estimator(values: dict[str, Any]) -> DepthEstimator:
 
 
 class CameraInfoMismatch(ValueError):
-    """No camera_info pairs with the frame (``kind`` unpaired) or its frame_id differs."""
+    """The frame's camera_info is unusable (``kind``): none pairs with it (unpaired), its
+    frame_id differs (frame_id) or its intrinsics are implausible (implausible)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -172,7 +192,7 @@ class FrameStats:
         self.lock = threading.Lock()
         self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0, "unwanted": 0}
         # Why camera_info pairing skipped frames (part of ``skipped``).
-        self.camera_info = {"unpaired": 0, "frame_id": 0}
+        self.camera_info = {"unpaired": 0, "frame_id": 0, "implausible": 0}
         self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
         self.last_error = ""
         self._reset_window()
@@ -217,6 +237,7 @@ class DepthNode(SetupNode):
 
     def _setup(self) -> None:
         values = declare_params(self, PARAMS)
+        self._bounds = intrinsics_bounds(values)  # before the slow model load
         self._pipeline = self._make_pipeline(values, load_estimator(values))
         self.get_logger().info(f"model {self._pipeline.model_path} on "
                                f"{self._pipeline.estimator.model.provider}")
@@ -353,6 +374,16 @@ class DepthNode(SetupNode):
                                      f"is not the image's {msg.header.frame_id!r}")
         return info
 
+    def _intrinsics(self, info: CameraInfo) -> Intrinsics:
+        """The camera_info's intrinsics if plausible; else the frame is skipped, as without
+        a camera_info: a cloud from absurd intrinsics would put points anywhere."""
+        try:
+            K = camera_info_to_intrinsics(info)
+            self._bounds.check(K)
+        except ValueError as exc:
+            raise CameraInfoMismatch("implausible", f"camera_info refused: {exc}") from None
+        return K
+
     def _wanted(self, pipeline: Pipeline) -> list[str]:
         wanted = [name for name, pub in self._pubs.items() if pub.get_subscription_count() > 0]
         return [n for n in wanted if n != "colored" or pipeline.colored]
@@ -369,7 +400,7 @@ class DepthNode(SetupNode):
             rgb = decode_rgb(msg, self._max_pixels)
             sparse_m = (depth_image_to_numpy(sparse, self._max_pixels) if sparse is not None
                         else None)
-            result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
+            result = pipeline.estimator.estimate(rgb, self._intrinsics(info), sparse_m)
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.
         except Exception as exc:  # noqa: BLE001
@@ -414,6 +445,7 @@ class DepthNode(SetupNode):
             "unwanted_frames": totals["unwanted"], "input_reliability": self._inputs[0].reliability,
             "camera_info_unpaired": totals["camera_info"]["unpaired"],
             "camera_info_frame_id_mismatch": totals["camera_info"]["frame_id"],
+            "camera_info_implausible": totals["camera_info"]["implausible"],
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

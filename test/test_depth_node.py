@@ -362,6 +362,27 @@ def test_bad_inputs_leave_node_alive(ros: Any) -> None:
     assert j.wait("depth", j.send(jpeg)).header == jpeg.header
 
 
+def test_absurd_intrinsics_skip_the_frame_and_are_counted(ros: Any) -> None:
+    """fx = fy = 1e-30 or cx/cy = +-1e38 are finite and positive, and made a "valid" cloud
+    with points 1e32 m away; now the frame is skipped as with no camera_info, and counted."""
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    before = node.stats.snapshot()
+    try:
+        for absurd, reason in ((Intrinsics(1e-30, 1e-30, K.cx, K.cy, W, H), "fx=1e-30 is"),
+                               (Intrinsics(K.fx, K.fy, 1e38, -1e38, W, H), "cx=1e+38 is"),
+                               (Intrinsics(K.fx, K.fy, K.cx, -1e38, W, H), "cy=-1e+38 is")):
+            h.set_camera_info(_info(absurd))
+            _expect_skip(node, lambda: h.send(rgb_to_image(_frame(4))), reason)
+    finally:
+        h.set_camera_info(_info(K))
+    after = node.stats.snapshot()
+    assert after["camera_info"]["implausible"] - before["camera_info"]["implausible"] == 3
+    assert after["published"]["points"] == before["published"]["points"]
+    assert "camera_info refused" in after["last_error"]
+    assert h.wait("depth", h.send(rgb_to_image(_frame(4)))).header.frame_id
+
+
 def test_diagnostics(ros: Any) -> None:
     h: Harness = ros["harness"]["ramp"]
     h.subscribe("/diagnostics", DiagnosticArray)
@@ -376,7 +397,7 @@ def test_diagnostics(ros: Any) -> None:
         return None
     values = wait_until(ours, what="/diagnostics from /ramp/depth_node")
     assert {"rate_hz", "inference_ms", "total_ms", "dropped_frames", "provider",
-            "model_path"} <= set(values)
+            "model_path", "camera_info_implausible"} <= set(values)
     assert values["provider"] == "CPUExecutionProvider"
     assert values["model_path"].endswith("ramp.onnx")
 
@@ -481,7 +502,8 @@ def test_camera_info_sync_latest_takes_the_newest(ros: Any) -> None:
         h.set_camera_info(_info(K))
         _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(7)),
                                                     info_stamp_offset_ns=-10**9))
-        assert node.stats.snapshot()["camera_info"] == {"unpaired": 0, "frame_id": 0}
+        assert node.stats.snapshot()["camera_info"] == {"unpaired": 0, "frame_id": 0,
+                                                        "implausible": 0}
     finally:
         ros["executor"].remove_node(h.node)
         ros["executor"].remove_node(node)
