@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -60,6 +62,9 @@ from depthkd_ros.node_params import (
 )
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
+# A real indoor frame of the bundled demo sequence: what a new model is judged on before
+# the camera has sent anything.
+SAMPLE_FRAME = Path(__file__).resolve().parent / "demo_data" / "rgb" / "000000.png"
 # camera_info_sync stamp: a frame's camera_info may arrive just after the frame (two topics);
 # the worker waits this long for it before skipping the frame.
 CAMERA_INFO_WAIT_SEC = 0.1
@@ -100,6 +105,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "serves reliable and best-effort subscribers such as RViz)",
               choices=tuple(RELIABILITY)),
     ParamSpec("output_depth", 1, "QoS history depth of the outputs", 1, 100),
+    ParamSpec("swap_check_frames", 3, "a new model_path is judged on this many of the last "
+              "decoded frames (the bundled demo frame before any arrived): it must give "
+              "finite depth on each", 1, 30),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
     ParamSpec("max_decoded_pixels", MAX_DECODED_PIXELS, "largest image (width x height) "
               "decoded, raw or compressed; a PNG/JPEG declaring more is refused from its "
@@ -150,12 +158,25 @@ def intrinsics_bounds(values: dict[str, Any]) -> IntrinsicsBounds:
                          f"{exc}") from None
 
 
-def load_estimator(values: dict[str, Any]) -> DepthEstimator:
-    """Load, check (input size, a dry run on a black frame) and wrap the configured model."""
+def sample_frames() -> list[np.ndarray]:
+    """The bundled real-looking frame (RGB), to judge a model on before any camera frame."""
+    bgr = cv2.imread(str(SAMPLE_FRAME), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FileNotFoundError(f"the bundled sample frame {SAMPLE_FRAME} is missing")
+    return [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)]
+
+
+def load_estimator(values: dict[str, Any], frames: list[np.ndarray]) -> DepthEstimator:
+    """Load, check (input size, finite output on each of ``frames``, or on the bundled frame
+    when empty) and wrap the configured model."""
     config = estimator_config(values)  # reject bad values before the slow model load
     model = OnnxDepthModel(resolve_model_path(values["model_path"]), providers=values["providers"])
     estimator = DepthEstimator(model, config)
-    estimator.dry_run()
+    source = "the last received frames" if frames else "the bundled sample frame"
+    try:
+        estimator.dry_run(frames or sample_frames())
+    except ValueError as exc:
+        raise ValueError(f"model refused, judged on {source}: {exc}") from None
     return estimator
 
 
@@ -238,12 +259,14 @@ class DepthNode(SetupNode):
     def _setup(self) -> None:
         values = declare_params(self, PARAMS)
         self._bounds = intrinsics_bounds(values)  # before the slow model load
-        self._pipeline = self._make_pipeline(values, load_estimator(values))
+        self._pipeline = self._make_pipeline(values, load_estimator(values, []))
         self.get_logger().info(f"model {self._pipeline.model_path} on "
                                f"{self._pipeline.estimator.model.provider}")
         self.stats = FrameStats()
         self._lock = threading.Lock()
         self._pending: Image | CompressedImage | None = None
+        # The last decoded frames (references, not copies): what a hot-swap is judged on.
+        self._recent: deque[np.ndarray] = deque(maxlen=values["swap_check_frames"])
         self._infos: RecentByStamp[CameraInfo] = RecentByStamp()
         self._info_arrived = threading.Condition(self._lock)
         self._info_sync = values["camera_info_sync"]
@@ -324,10 +347,12 @@ class DepthNode(SetupNode):
         values = {**self.parameter_values(), **{p.name: p.value for p in params}}
         swap = values["model_path"] != self.get_parameter("model_path").value
         try:
-            estimator = (load_estimator(values) if swap else
+            with self._lock:
+                recent = list(self._recent)
+            estimator = (load_estimator(values, recent) if swap else
                          DepthEstimator(self._pipeline.estimator.model, estimator_config(values)))
             pipeline = self._make_pipeline(values, estimator)
-        # Any failure (missing file, bad protobuf, wrong size, NaN dry run) must keep
+        # Any failure (missing file, bad protobuf, wrong size, NaN on the recent frames) must keep
         # the old model running, and onnxruntime raises plain Exception subclasses.
         except Exception as exc:  # noqa: BLE001
             self.get_logger().warning(f"rejected parameter change: {exc}")
@@ -398,6 +423,8 @@ class DepthNode(SetupNode):
                 return
             info = self._paired_info(msg)
             rgb = decode_rgb(msg, self._max_pixels)
+            with self._lock:
+                self._recent.append(rgb)
             sparse_m = (depth_image_to_numpy(sparse, self._max_pixels) if sparse is not None
                         else None)
             result = pipeline.estimator.estimate(rgb, self._intrinsics(info), sparse_m)

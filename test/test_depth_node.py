@@ -42,7 +42,8 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      stamp_ns)
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 from depthkd_ros.node_params import matching_reliability  # noqa: E402
-from helpers import FASTDEPTH, TUM, ros_domain, wait_until, write_linear_onnx  # noqa: E402
+from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,  # noqa: E402
+                     write_linear_onnx)
 
 DOMAIN_ID = ros_domain(47)  # unique per test module so parallel runs never cross
 REPO = Path(__file__).resolve().parents[1]
@@ -381,6 +382,24 @@ def test_absurd_intrinsics_skip_the_frame_and_are_counted(ros: Any) -> None:
     assert after["published"]["points"] == before["published"]["points"]
     assert "camera_info refused" in after["last_error"]
     assert h.wait("depth", h.send(rgb_to_image(_frame(4)))).header.frame_id
+
+
+def test_hot_swap_judges_the_model_on_real_frames(ros: Any) -> None:
+    """A model finite on a black frame but NaN on real ones (red > 0.5) was swapped in by the
+    black-frame dry run, and every frame was skipped after; now it is refused with the reason,
+    judged on the last received frames, or on the bundled demo frame before any arrived."""
+    node: DepthNode = ros["nodes"]["ramp"]
+    h: Harness = ros["harness"]["ramp"]
+    bright_nan = write_bright_nan_onnx(ros["models"] / "bright_nan.onnx")
+    h.wait("depth", h.send(rgb_to_image(_frame(4))))  # red up to 248 of 255
+    result = node.set_parameters([Parameter("model_path", value=str(bright_nan))])[0]
+    assert not result.successful
+    assert "judged on the last received frames" in result.reason and "NaN/inf" in result.reason
+    assert node.get_parameter("model_path").value.endswith("ramp.onnx")
+    assert h.wait("depth", h.send(rgb_to_image(_frame(4)))).header.frame_id  # old model runs
+    with pytest.raises(ValueError, match="judged on the bundled sample frame: .* NaN/inf"):
+        DepthNode(context=ros["context"], namespace="fresh", parameter_overrides=[
+            Parameter("model_path", value=str(bright_nan))])
 
 
 def test_diagnostics(ros: Any) -> None:
