@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("depthkd_ros.demo", "run the live depth node on the bundled sequence"),
     "bench": ("depthkd_core.bench.run", "data-free distillation benchmark, Table II (config/bench/*.yaml)"),
     "bench-node": ("depthkd_ros.bench", "measure the live node: inference, overhead, rates, memory"),
+    "fuzz-node": ("depthkd_ros.tools.fuzz_node",
+                  "feed the live node malformed messages: crashes, peak memory, output drift"),
     "bench-distill": ("depthkd_ros.bench_distill",
                       "on-robot distillation loop: keyframes/s, teacher ms, steps/s, AbsRel"),
 }

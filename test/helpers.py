@@ -63,26 +63,11 @@ def write_linear_onnx(path: Path, scale: float, offset: float, channel: int = 0,
 
 
 def write_bright_nan_onnx(path: Path, threshold: float = 0.5, channel: int = 0) -> Path:
-    """A real ONNX depth model finite on black frames, NaN on bright ones:
-    depth = 1 - log(threshold - image[:, channel]), NaN wherever that channel > threshold."""
-    import onnx
-    from onnx import TensorProto, helper
+    """A real ONNX depth model finite on black frames, NaN wherever ``channel`` > ``threshold``
+    (the one ``depthkd fuzz-node`` tries to hot-swap in)."""
+    from depthkd_ros.tools.fuzz_node import write_bright_nan_onnx as write
 
-    weight = np.zeros((1, 3, 1, 1), dtype=np.float32)
-    weight[0, channel] = -1.0
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w", "b"], ["margin"]),  # threshold - channel
-         helper.make_node("Log", ["margin"], ["log"]),
-         helper.make_node("Sub", ["one", "log"], ["depth"])], "bright_nan_depth",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"])],
-        [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, "H", "W"])],
-        [helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
-         helper.make_tensor("b", TensorProto.FLOAT, [1], [threshold]),
-         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return write(path, threshold, channel)
 
 
 def save_tiny_teacher(path: Path) -> Path:
