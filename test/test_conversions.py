@@ -24,7 +24,7 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, MAX_DECODED_PIXELS,  # noq
                                      intrinsics_to_camera_info, numpy_to_image,
                                      pointcloud2_to_numpy, points_to_pointcloud2,
                                      rgb_to_compressed, rgb_to_image)
-from depthkd_ros.tools.fuzz_node import png_bomb  # noqa: E402
+from depthkd_ros.tools.fuzz_messages import png_bomb  # noqa: E402
 
 
 def _pairs_rgb(height: int = 4, width: int = 6, seed: int = 0) -> np.ndarray:
