@@ -183,14 +183,18 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM and RST0-7 (SOI/EOI never occur between segments).
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+# Real JPEGs have a few dozen markers before the frame header; a stream of fill bytes or
+# empty segments must not make the header scan (Python, per marker) a CPU sink.
+_JPEG_MAX_MARKERS = 4096
 
 
-def compressed_size(data: bytes) -> tuple[str, int, int]:
+def compressed_size(data: bytes | memoryview) -> tuple[str, int, int]:
     """(format, width, height) from a PNG's IHDR or a JPEG's SOFn header, without decoding.
 
     The bound a decoder cannot give: ``cv2.imdecode`` allocates whatever the header
     declares (OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS is one process-wide value read
-    once), so a small file can claim gigabytes. ValueError for anything else.
+    once), so a small file can claim gigabytes. ValueError for anything else, and for
+    a JPEG without a frame header among its first 4096 markers.
     """
     if data[:8] == _PNG_SIGNATURE:
         if len(data) < 24 or data[12:16] != b"IHDR":
@@ -200,7 +204,9 @@ def compressed_size(data: bytes) -> tuple[str, int, int]:
     if data[:2] != b"\xff\xd8":
         raise ValueError("neither a PNG nor a JPEG (only those two are decoded)")
     pos = 2
-    while pos + 4 <= len(data):
+    for _ in range(_JPEG_MAX_MARKERS):
+        if pos + 4 > len(data):
+            break
         if data[pos] != 0xFF:
             raise ValueError(f"JPEG has no marker at byte {pos}")
         marker = data[pos + 1]
@@ -221,7 +227,8 @@ def compressed_size(data: bytes) -> tuple[str, int, int]:
         if length < 2:
             raise ValueError(f"JPEG segment at byte {pos} has length {length}")
         pos += 2 + length
-    raise ValueError("JPEG has no frame (SOFn) header before its image data")
+    raise ValueError("JPEG has no frame (SOFn) header before its image data or within "
+                     f"its first {_JPEG_MAX_MARKERS} markers")
 
 
 def compressed_to_rgb(msg: CompressedImage, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
@@ -230,10 +237,10 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int = MAX_DECODED_PIXELS
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ValueError(f"compressed image ({msg.format!r}) has no data")
-    raw = data.tobytes()
+    raw = memoryview(data)  # no copy of the whole buffer
     # libjpeg decodes a truncated stream with a grey bottom and only a warning,
     # so a JPEG must end in its EOI marker (allowing a little zero padding).
-    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-16:]:
+    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in bytes(raw[-16:]):
         raise ValueError(f"compressed image ({msg.format!r}) is a truncated JPEG "
                          f"({data.size} bytes, no end-of-image marker)")
     try:

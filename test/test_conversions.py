@@ -173,7 +173,8 @@ def test_compressed_size_from_headers_only() -> None:
     for other, match in ((bmp.tobytes(), "neither a PNG nor a JPEG"),
                          (b"GIF89a" + bytes(20), "neither a PNG nor a JPEG"),
                          (b"\xff\xd8\xff\xda" + bytes(20), "no frame"),
-                         (b"\x89PNG\r\n\x1a\n" + bytes(4), "no IHDR")):
+                         (b"\x89PNG\r\n\x1a\n" + bytes(4), "no IHDR"),
+                         (b"\xff\xd8" + b"\xff" * 1_000_000 + b"\xff\xd9", "first 4096 markers")):
         with pytest.raises(ValueError, match=match):
             compressed_size(other)
 
