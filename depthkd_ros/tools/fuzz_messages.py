@@ -354,7 +354,8 @@ class MessageMix:
 
     def _unpaired_camera_info(self, rng: np.random.Generator) -> Message:
         msg = self._any_valid(rng)
-        msg.info_offset_ns, msg.content = 1_000_000_000, ""
+        # Half the 1 s between two messages' stamps: never another message's stamp.
+        msg.info_offset_ns, msg.content = 500_000_000, ""
         return msg
 
     def _frame_id_mismatch(self, rng: np.random.Generator) -> Message:

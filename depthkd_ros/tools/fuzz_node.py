@@ -346,7 +346,8 @@ def run_fuzz(messages: int, seed: int = 0, model: Path = PACKAGED_MODEL,
                f"{len(fuzz.crashes)} crashes, peak RSS {phase['peak_rss_mb']} MB vs "
                f"{phase['clean_peak_rss_mb']} MB clean ({phase['rss_over_clean_mb']:+.1f} MB), "
                f"{fuzz.valid_outputs} valid outputs of {len(fuzz.outputs)} contents: "
-               f"{len(fuzz.drifted)} drifted, {len(vs_clean)} differ from the clean run; "
+               f"{len(fuzz.drifted)} drifted, {len(vs_clean)} differ from the clean run, "
+               f"{len(fuzz.valid_skipped)} valid frames skipped; "
                f"hot-swaps to bad models refused {fuzz.swaps['refused']}, accepted "
                f"{fuzz.swaps['accepted']}")
     phases = figures["phases"].values()
