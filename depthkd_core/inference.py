@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -143,37 +144,51 @@ class DepthEstimator:
         return (max(_STRIDE, round(height / _STRIDE) * _STRIDE),
                 max(_STRIDE, round(width / _STRIDE) * _STRIDE))
 
-    def dry_run(self) -> None:
-        """Run the model once on a black frame; ValueError if the output is unusable."""
-        h, w = self.input_size or (2 * _STRIDE, 2 * _STRIDE)
-        out = np.asarray(self.model.predict_batch(np.zeros((1, 3, h, w), np.float32)))
-        if out.ndim != 4 or out.shape[:2] != (1, 1):
-            raise ValueError(f"model output must be (1, 1, H, W) depth, got shape {out.shape}")
-        if not np.all(np.isfinite(out)):
-            raise ValueError("model output on a black frame is not finite")
+    def dry_run(self, frames: Sequence[np.ndarray]) -> None:
+        """Run the model on ``frames`` (HxWx3 uint8 RGB) as ``estimate`` would; ValueError if
+        an output is not (1, 1, H, W) or has any NaN/inf, so ``estimate`` would skip it.
 
-    def estimate(self, rgb: np.ndarray, intrinsics: Intrinsics,
-                 sparse_depth: np.ndarray | None = None) -> DepthResult:
-        """HxWx3 uint8 RGB with its intrinsics -> metric depth; ValueError on bad input/output."""
-        t0 = time.perf_counter()
+        Judge a model on real content (the camera's last frames, or a real-looking
+        image): a model can be finite on a black frame and NaN on every real one.
+        """
+        if not frames:
+            raise ValueError("a dry run needs at least one frame")
+        for index, rgb in enumerate(frames):
+            out = np.asarray(self.model.predict_batch(self._network_input(rgb)))
+            if out.ndim != 4 or out.shape[:2] != (1, 1):
+                raise ValueError(f"model output must be (1, 1, H, W) depth, got shape {out.shape}")
+            bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+            if bad:
+                raise ValueError(f"model output is not finite on real content: {bad} of "
+                                 f"{out.size} values are NaN/inf on frame {index + 1} of "
+                                 f"{len(frames)} ({rgb.shape[1]}x{rgb.shape[0]})")
+
+    def _network_input(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> the (1, 3, h, w) float32 network input in [0, 1]."""
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected HxWx3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
         height, width = rgb.shape[:2]
-        if (intrinsics.height, intrinsics.width) != (height, width):
-            raise ValueError(f"intrinsics are for {intrinsics.width}x{intrinsics.height} but the "
-                             f"image is {width}x{height}")
         net_h, net_w = self.network_size(height, width)
         if (net_h, net_w) != (height, width):
             # The whole frame is resized (no crop), so the field of view is kept and
             # Intrinsics.scaled stays exact even when the aspect ratio changes.
             shrink = net_h * net_w < height * width
-            rgb_in = cv2.resize(rgb, (net_w, net_h),
-                                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        else:
-            rgb_in = rgb
-        x = np.ascontiguousarray(rgb_in.transpose(2, 0, 1)[None], dtype=np.float32)
+            rgb = cv2.resize(rgb, (net_w, net_h),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        x = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
         x *= np.float32(1.0 / 255.0)
+        return x
+
+    def estimate(self, rgb: np.ndarray, intrinsics: Intrinsics,
+                 sparse_depth: np.ndarray | None = None) -> DepthResult:
+        """HxWx3 uint8 RGB with its intrinsics -> metric depth; ValueError on bad input/output."""
+        t0 = time.perf_counter()
+        x = self._network_input(rgb)
+        height, width = np.shape(rgb)[:2]
+        if (intrinsics.height, intrinsics.width) != (height, width):
+            raise ValueError(f"intrinsics are for {intrinsics.width}x{intrinsics.height} but the "
+                             f"image is {width}x{height}")
         t1 = time.perf_counter()
         pred = np.asarray(self.model.predict_batch(x))
         t2 = time.perf_counter()

@@ -13,6 +13,7 @@ metres with invalid = NaN; clouds as (H, W, 3) float32 in the optical frame.
 from __future__ import annotations
 
 import array
+import struct
 
 import cv2
 import numpy as np
@@ -40,6 +41,10 @@ ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "yuv422", "uyvy",
                    "yuv422_yuy2", "yuyv")
 DEPTH_ENCODINGS = ("32FC1", "16UC1")
+# Largest image (pixels) any decode accepts, raw or compressed: 4096 x 4096 = 16.8 MP covers
+# 4K UHD (8.3 MP) and 12 MP (4000 x 3000) sensors, while its decoded RGB stays ~50 MB. A
+# PNG/JPEG declaring more is refused from its header, before a byte is decompressed.
+MAX_DECODED_PIXELS = 4096 * 4096
 
 _TO_RGB = {
     "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
@@ -68,16 +73,18 @@ def _layout(encoding: str) -> tuple[np.dtype, int]:
                          f"{', '.join(ENCODINGS)}") from None
 
 
-def image_to_numpy(msg: Image) -> np.ndarray:
+def image_to_numpy(msg: Image, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
     """The pixels of ``msg`` in its own layout: (H, W) or (H, W, C), native byte order.
 
     Honours ``step`` (row padding) and ``is_bigendian``; raises ValueError on an
-    unknown encoding, a step shorter than a row, or data that is not ``step * height``.
+    unknown encoding, more than ``max_pixels`` pixels, a step shorter than a row,
+    or data that is not ``step * height``.
     """
     dtype, channels = _layout(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise ValueError(f"image has no pixels: {width}x{height}")
+    _check_pixels(width, height, max_pixels, f"{msg.encoding} image")
     if channels == 2 and width % 2:
         raise ValueError(f"{msg.encoding} packs pixel pairs, so width must be even, got {width}")
     row_bytes = width * channels * dtype.itemsize
@@ -96,6 +103,20 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     pixels = np.ascontiguousarray(rows).view(wire).astype(dtype, copy=False)
     # Packed 4:2:2 comes out as (H, W, 2), the layout cv2.cvtColor expects.
     return pixels.reshape((height, width) if channels == 1 else (height, width, channels))
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width * height > max_pixels:
+        raise ValueError(f"{what} declares {width}x{height} = {width * height} pixels, more "
+                         f"than max_decoded_pixels {max_pixels}")
+
+
+def _pixels(msg: Image, encodings: tuple[str, ...], kind: str, max_pixels: int) -> np.ndarray:
+    """``image_to_numpy`` of an image whose encoding must be one of ``encodings``."""
+    if msg.encoding not in encodings:
+        raise ValueError(f"image encoding {msg.encoding!r} is not a {kind} encoding; "
+                         f"supported: {', '.join(encodings)}")
+    return image_to_numpy(msg, max_pixels)
 
 
 def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = None) -> Image:
@@ -117,12 +138,9 @@ def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = Non
     return msg
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
+def image_to_rgb(msg: Image, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
     """Any colour encoding in ``COLOR_ENCODINGS`` -> HxWx3 uint8 RGB."""
-    if msg.encoding not in COLOR_ENCODINGS:
-        raise ValueError(f"image encoding {msg.encoding!r} is not a colour encoding; "
-                         f"supported: {', '.join(COLOR_ENCODINGS)}")
-    pixels = image_to_numpy(msg)
+    pixels = _pixels(msg, COLOR_ENCODINGS, "colour", max_pixels)
     if msg.encoding == "rgb8":
         return pixels
     return cv2.cvtColor(pixels, _TO_RGB[msg.encoding])
@@ -141,12 +159,9 @@ def rgb_to_image(rgb: np.ndarray, encoding: str = "rgb8", header: Header | None 
     return numpy_to_image(pixels, encoding, header)
 
 
-def depth_image_to_numpy(msg: Image) -> np.ndarray:
+def depth_image_to_numpy(msg: Image, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
     """32FC1 (metres) or 16UC1 (millimetres, 0 = invalid) -> HxW float32 metres, invalid NaN."""
-    if msg.encoding not in DEPTH_ENCODINGS:
-        raise ValueError(f"depth image encoding must be 32FC1 (m) or 16UC1 (mm), "
-                         f"got {msg.encoding!r}")
-    pixels = image_to_numpy(msg)
+    pixels = _pixels(msg, DEPTH_ENCODINGS, "depth (32FC1 m, 16UC1 mm)", max_pixels)
     if msg.encoding == "32FC1":
         return pixels.astype(np.float32, copy=False)
     depth = pixels.astype(np.float32) * np.float32(1e-3)
@@ -162,21 +177,96 @@ def depth_to_image(depth: np.ndarray, header: Header | None = None) -> Image:
     return numpy_to_image(depth.astype(np.float32, copy=False), "32FC1", header)
 
 
-def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
-    """Decode a jpeg/png CompressedImage -> HxWx3 uint8 RGB; ValueError when corrupt."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...): every
+# 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC), which are not frame headers.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and RST0-7 (SOI/EOI never occur between segments).
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+# Real JPEGs have a few dozen markers before the frame header; a stream of fill bytes or
+# empty segments must not make the header scan (Python, per marker) a CPU sink.
+_JPEG_MAX_MARKERS = 4096
+
+
+def compressed_size(data: bytes | memoryview) -> tuple[str, int, int]:
+    """(format, width, height) from a PNG's IHDR or a JPEG's SOFn header, without decoding.
+
+    The bound a decoder cannot give: ``cv2.imdecode`` allocates whatever the header
+    declares (OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS is one process-wide value read
+    once), so a small file can claim gigabytes. ValueError for anything else, and for
+    a JPEG without a frame header among its first 4096 markers.
+    """
+    if data[:8] == _PNG_SIGNATURE:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("PNG has no IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return "png", width, height
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("neither a PNG nor a JPEG (only those two are decoded)")
+    pos = 2
+    for _ in range(_JPEG_MAX_MARKERS):
+        if pos + 4 > len(data):
+            break
+        if data[pos] != 0xFF:
+            raise ValueError(f"JPEG has no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan: image data follows, no frame header was seen
+            break
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker in _JPEG_SOF:
+            if length < 7 or pos + 9 > len(data):
+                raise ValueError("JPEG frame header is truncated")
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return "jpeg", width, height
+        if length < 2:
+            raise ValueError(f"JPEG segment at byte {pos} has length {length}")
+        pos += 2 + length
+    raise ValueError("JPEG has no frame (SOFn) header before its image data or within "
+                     f"its first {_JPEG_MAX_MARKERS} markers")
+
+
+def compressed_to_rgb(msg: CompressedImage, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+    """Decode a jpeg/png CompressedImage -> HxWx3 uint8 RGB; ValueError when corrupt, of
+    another format, or declaring more than ``max_pixels`` pixels in its header."""
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ValueError(f"compressed image ({msg.format!r}) has no data")
+    raw = memoryview(data)  # no copy of the whole buffer
     # libjpeg decodes a truncated stream with a grey bottom and only a warning,
     # so a JPEG must end in its EOI marker (allowing a little zero padding).
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-16:].tobytes():
+    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in bytes(raw[-16:]):
         raise ValueError(f"compressed image ({msg.format!r}) is a truncated JPEG "
                          f"({data.size} bytes, no end-of-image marker)")
+    try:
+        fmt, width, height = compressed_size(raw)
+    except ValueError as exc:
+        raise ValueError(f"compressed image ({msg.format!r}, {data.size} bytes) could not be "
+                         f"decoded: {exc}") from None
+    if width == 0 or height == 0:
+        raise ValueError(f"compressed image ({msg.format!r}) declares no pixels: "
+                         f"{width}x{height}")
+    _check_pixels(width, height, max_pixels, f"compressed image ({msg.format!r}, {fmt})")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"compressed image ({msg.format!r}, {data.size} bytes) "
                          "could not be decoded")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_rgb(msg: Image | CompressedImage, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+    """A camera frame of either transport -> HxWx3 uint8 RGB; ValueError says why not.
+
+    The one decode the nodes call: no image larger than ``max_pixels`` is decoded.
+    """
+    if isinstance(msg, CompressedImage):
+        return compressed_to_rgb(msg, max_pixels)
+    return image_to_rgb(msg, max_pixels)
 
 
 def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg",

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -23,7 +25,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from depthkd_core.runtime import OnnxDepthModel
-from depthkd_core.geometry import colorize_depth
+from depthkd_core.geometry import Intrinsics, IntrinsicsBounds, colorize_depth
 from depthkd_core.inference import (
     ALIGNMENTS,
     OUTPUT_RESOLUTIONS,
@@ -35,11 +37,11 @@ from depthkd_core.inference import (
 )
 from depthkd_core.stamps import RecentByStamp
 from depthkd_ros.conversions import (
+    MAX_DECODED_PIXELS,
     camera_info_to_intrinsics,
-    compressed_to_rgb,
+    decode_rgb,
     depth_image_to_numpy,
     depth_to_image,
-    image_to_rgb,
     intrinsics_to_camera_info,
     points_to_pointcloud2,
     rgb_to_image,
@@ -60,6 +62,9 @@ from depthkd_ros.node_params import (
 )
 
 PACKAGED_MODEL = Path(__file__).resolve().parent / "models" / "student.onnx"
+# A real indoor frame of the bundled demo sequence: what a new model is judged on before
+# the camera has sent anything.
+SAMPLE_FRAME = Path(__file__).resolve().parent / "demo_data" / "rgb" / "000000.png"
 # camera_info_sync stamp: a frame's camera_info may arrive just after the frame (two topics);
 # the worker waits this long for it before skipping the frame.
 CAMERA_INFO_WAIT_SEC = 0.1
@@ -100,7 +105,21 @@ PARAMS: tuple[ParamSpec, ...] = (
               "serves reliable and best-effort subscribers such as RViz)",
               choices=tuple(RELIABILITY)),
     ParamSpec("output_depth", 1, "QoS history depth of the outputs", 1, 100),
+    ParamSpec("swap_check_frames", 3, "a new model_path is judged on this many of the last "
+              "decoded frames (the bundled demo frame before any arrived): it must give "
+              "finite depth on each", 1, 30),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
+    ParamSpec("max_decoded_pixels", MAX_DECODED_PIXELS, "largest image (width x height) "
+              "decoded, raw or compressed; a PNG/JPEG declaring more is refused from its "
+              "header before decoding (decompression bombs). Default 4096x4096", 1, 1 << 30),
+    ParamSpec("min_focal_ratio", IntrinsicsBounds.min_focal, "smallest plausible camera_info "
+              "focal length in image sizes (fx / width, fy / height; 0.1 = 157 deg field of "
+              "view); a frame whose camera_info is below it is skipped", 1e-3, 10.0),
+    ParamSpec("max_focal_ratio", IntrinsicsBounds.max_focal, "largest plausible focal length "
+              "in image sizes (100 = 0.6 deg field of view)", 1.0, 1e4),
+    ParamSpec("max_principal_offset", IntrinsicsBounds.principal_margin, "farthest plausible "
+              "principal point from the image centre, in image sizes (1 = half an image "
+              "outside the image)", 0.0, 100.0),
 )
 
 
@@ -128,17 +147,42 @@ def estimator_config(values: dict[str, Any]) -> EstimatorConfig:
                            input_size=size if size[0] else None)
 
 
-def load_estimator(values: dict[str, Any]) -> DepthEstimator:
-    """Load, check (input size, a dry run on a black frame) and wrap the configured model."""
+def intrinsics_bounds(values: dict[str, Any]) -> IntrinsicsBounds:
+    """The plausible-intrinsics parameters (ValueError names them) -> IntrinsicsBounds."""
+    try:
+        return IntrinsicsBounds(min_focal=values["min_focal_ratio"],
+                                max_focal=values["max_focal_ratio"],
+                                principal_margin=values["max_principal_offset"])
+    except ValueError as exc:
+        raise ValueError(f"min_focal_ratio / max_focal_ratio / max_principal_offset: "
+                         f"{exc}") from None
+
+
+def sample_frames() -> list[np.ndarray]:
+    """The bundled real-looking frame (RGB), to judge a model on before any camera frame."""
+    bgr = cv2.imread(str(SAMPLE_FRAME), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FileNotFoundError(f"the bundled sample frame {SAMPLE_FRAME} is missing")
+    return [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)]
+
+
+def load_estimator(values: dict[str, Any], frames: list[np.ndarray]) -> DepthEstimator:
+    """Load, check (input size, finite output on each of ``frames``, or on the bundled frame
+    when empty) and wrap the configured model."""
     config = estimator_config(values)  # reject bad values before the slow model load
     model = OnnxDepthModel(resolve_model_path(values["model_path"]), providers=values["providers"])
     estimator = DepthEstimator(model, config)
-    estimator.dry_run()
+    source = "the last received frames" if frames else "the bundled sample frame"
+    try:
+        estimator.dry_run(frames or sample_frames())
+    except ValueError as exc:
+        raise ValueError(f"model refused, judged on {source}: {exc}") from None
     return estimator
 
 
 class CameraInfoMismatch(ValueError):
-    """No camera_info pairs with the frame (``kind`` unpaired) or its frame_id differs."""
+    """The frame's camera_info is unusable (``kind``): none pairs with it (unpaired), its
+    frame_id differs (frame_id) or its intrinsics are implausible (implausible)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -169,7 +213,7 @@ class FrameStats:
         self.lock = threading.Lock()
         self.totals = {"received": 0, "processed": 0, "dropped": 0, "skipped": 0, "unwanted": 0}
         # Why camera_info pairing skipped frames (part of ``skipped``).
-        self.camera_info = {"unpaired": 0, "frame_id": 0}
+        self.camera_info = {"unpaired": 0, "frame_id": 0, "implausible": 0}
         self.published = {"depth": 0, "camera_info": 0, "colored": 0, "points": 0}
         self.last_error = ""
         self._reset_window()
@@ -214,16 +258,20 @@ class DepthNode(SetupNode):
 
     def _setup(self) -> None:
         values = declare_params(self, PARAMS)
-        self._pipeline = self._make_pipeline(values, load_estimator(values))
+        self._bounds = intrinsics_bounds(values)  # before the slow model load
+        self._pipeline = self._make_pipeline(values, load_estimator(values, []))
         self.get_logger().info(f"model {self._pipeline.model_path} on "
                                f"{self._pipeline.estimator.model.provider}")
         self.stats = FrameStats()
         self._lock = threading.Lock()
         self._pending: Image | CompressedImage | None = None
+        # The last decoded frames (references, not copies): what a hot-swap is judged on.
+        self._recent: deque[np.ndarray] = deque(maxlen=values["swap_check_frames"])
         self._infos: RecentByStamp[CameraInfo] = RecentByStamp()
         self._info_arrived = threading.Condition(self._lock)
         self._info_sync = values["camera_info_sync"]
         self._info_tolerance_ns = int(values["camera_info_tolerance"] * 1e9)
+        self._max_pixels = values["max_decoded_pixels"]
         self._sparse: Image | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -299,10 +347,12 @@ class DepthNode(SetupNode):
         values = {**self.parameter_values(), **{p.name: p.value for p in params}}
         swap = values["model_path"] != self.get_parameter("model_path").value
         try:
-            estimator = (load_estimator(values) if swap else
+            with self._lock:
+                recent = list(self._recent)
+            estimator = (load_estimator(values, recent) if swap else
                          DepthEstimator(self._pipeline.estimator.model, estimator_config(values)))
             pipeline = self._make_pipeline(values, estimator)
-        # Any failure (missing file, bad protobuf, wrong size, NaN dry run) must keep
+        # Any failure (missing file, bad protobuf, wrong size, NaN on the recent frames) must keep
         # the old model running, and onnxruntime raises plain Exception subclasses.
         except Exception as exc:  # noqa: BLE001
             self.get_logger().warning(f"rejected parameter change: {exc}")
@@ -349,6 +399,16 @@ class DepthNode(SetupNode):
                                      f"is not the image's {msg.header.frame_id!r}")
         return info
 
+    def _intrinsics(self, info: CameraInfo) -> Intrinsics:
+        """The camera_info's intrinsics if plausible; else the frame is skipped, as without
+        a camera_info: a cloud from absurd intrinsics would put points anywhere."""
+        try:
+            K = camera_info_to_intrinsics(info)
+            self._bounds.check(K)
+        except ValueError as exc:
+            raise CameraInfoMismatch("implausible", f"camera_info refused: {exc}") from None
+        return K
+
     def _wanted(self, pipeline: Pipeline) -> list[str]:
         wanted = [name for name, pub in self._pubs.items() if pub.get_subscription_count() > 0]
         return [n for n in wanted if n != "colored" or pipeline.colored]
@@ -362,9 +422,12 @@ class DepthNode(SetupNode):
                 self.stats.add("unwanted")  # nobody listens: skip inference entirely
                 return
             info = self._paired_info(msg)
-            rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
-            sparse_m = depth_image_to_numpy(sparse) if sparse is not None else None
-            result = pipeline.estimator.estimate(rgb, camera_info_to_intrinsics(info), sparse_m)
+            rgb = decode_rgb(msg, self._max_pixels)
+            with self._lock:
+                self._recent.append(rgb)
+            sparse_m = (depth_image_to_numpy(sparse, self._max_pixels) if sparse is not None
+                        else None)
+            result = pipeline.estimator.estimate(rgb, self._intrinsics(info), sparse_m)
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.
         except Exception as exc:  # noqa: BLE001
@@ -409,6 +472,7 @@ class DepthNode(SetupNode):
             "unwanted_frames": totals["unwanted"], "input_reliability": self._inputs[0].reliability,
             "camera_info_unpaired": totals["camera_info"]["unpaired"],
             "camera_info_frame_id_mismatch": totals["camera_info"]["frame_id"],
+            "camera_info_implausible": totals["camera_info"]["implausible"],
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }

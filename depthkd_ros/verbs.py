@@ -9,6 +9,8 @@ VERBS: dict[str, tuple[str, str]] = {
                    "measure the live node: inference, overhead, rates, memory"),
     "bench-distill": ("depthkd_ros.tools.bench_distill",
                       "on-robot distillation loop: keyframes/s, teacher ms, steps/s, AbsRel"),
+    "fuzz-node": ("depthkd_ros.tools.fuzz_node",
+                  "feed a real depth_node a seeded hostile mix: crashes, peak RSS, output drift"),
     "bench-teacher": ("depthkd_ros.tools.bench_teacher",
                       "teacher_server's peak memory under its largest allowed requests and under load"),
 }

@@ -62,6 +62,14 @@ def write_linear_onnx(path: Path, scale: float, offset: float, channel: int = 0,
     return path
 
 
+def write_bright_nan_onnx(path: Path, threshold: float = 0.5, channel: int = 0) -> Path:
+    """A real ONNX depth model finite on black frames, NaN wherever ``channel`` > ``threshold``
+    (the one ``depthkd fuzz-node`` tries to hot-swap in)."""
+    from depthkd_ros.tools.fuzz_messages import write_bright_nan_onnx as write
+
+    return write(path, threshold, channel)
+
+
 def save_tiny_teacher(path: Path) -> Path:
     """A seeded, untrained ResNet-18 U-Net teacher checkpoint (BatchNorm, gradients): the
     small torch teacher the method tests distil from."""

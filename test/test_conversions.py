@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -16,11 +17,14 @@ from sensor_msgs.msg import (CameraInfo, CompressedImage, Image, PointCloud2,  #
 from std_msgs.msg import Header  # noqa: E402
 
 from depthkd_core.geometry import Intrinsics  # noqa: E402
-from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,  # noqa: E402
-                                     compressed_to_rgb, depth_image_to_numpy, depth_to_image,
-                                     image_to_numpy, image_to_rgb, intrinsics_to_camera_info,
-                                     numpy_to_image, pointcloud2_to_numpy, points_to_pointcloud2,
+from depthkd_ros.conversions import (COLOR_ENCODINGS, MAX_DECODED_PIXELS,  # noqa: E402
+                                     camera_info_to_intrinsics, compressed_size,
+                                     compressed_to_rgb, decode_rgb, depth_image_to_numpy,
+                                     depth_to_image, image_to_numpy, image_to_rgb,
+                                     intrinsics_to_camera_info, numpy_to_image,
+                                     pointcloud2_to_numpy, points_to_pointcloud2,
                                      rgb_to_compressed, rgb_to_image)
+from depthkd_ros.tools.fuzz_messages import png_bomb  # noqa: E402
 
 
 def _pairs_rgb(height: int = 4, width: int = 6, seed: int = 0) -> np.ndarray:
@@ -151,6 +155,63 @@ def test_compressed_round_trip_and_corruption() -> None:
         compressed_to_rgb(CompressedImage(format="jpeg", data=b"not an image at all" * 10))
     with pytest.raises(ValueError, match="no data"):
         compressed_to_rgb(CompressedImage(format="png"))
+
+
+def _resized_header(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with the size in its SOF0 frame header replaced (the scan data unchanged)."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9:]
+
+
+def test_compressed_size_from_headers_only() -> None:
+    rgb = _pairs_rgb(30, 50)
+    assert compressed_size(bytes(rgb_to_compressed(rgb, "png").data)) == ("png", 50, 30)
+    assert compressed_size(bytes(rgb_to_compressed(rgb, "jpeg").data)) == ("jpeg", 50, 30)
+    ok, progressive = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok and compressed_size(progressive.tobytes()) == ("jpeg", 50, 30)  # SOF2
+    ok, bmp = cv2.imencode(".bmp", rgb)
+    for other, match in ((bmp.tobytes(), "neither a PNG nor a JPEG"),
+                         (b"GIF89a" + bytes(20), "neither a PNG nor a JPEG"),
+                         (b"\xff\xd8\xff\xda" + bytes(20), "no frame"),
+                         (b"\x89PNG\r\n\x1a\n" + bytes(4), "no IHDR"),
+                         (b"\xff\xd8" + b"\xff" * 1_000_000 + b"\xff\xd9", "first 4096 markers")):
+        with pytest.raises(ValueError, match=match):
+            compressed_size(other)
+
+
+def test_decompression_bombs_are_refused_before_decoding() -> None:
+    """A real 20 MP black PNG of 58 KB: refused from its header, before it is inflated."""
+    bomb = CompressedImage(format="png", data=png_bomb(5000, 4000))
+    assert 5000 * 4000 > MAX_DECODED_PIXELS
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="declares 5000x4000 = 20000000 pixels, more than "
+                                         "max_decoded_pixels 16777216"):
+        compressed_to_rgb(bomb)
+    assert time.perf_counter() - start < 0.05  # nothing was decompressed
+    assert compressed_to_rgb(bomb, max_pixels=5000 * 4000).shape == (4000, 5000, 3)
+    jpeg = bytes(rgb_to_compressed(_pairs_rgb(16, 16), "jpeg").data)
+    with pytest.raises(ValueError, match="declares 60000x50000"):
+        decode_rgb(CompressedImage(format="jpeg", data=_resized_header(jpeg, 60000, 50000)))
+    with pytest.raises(ValueError, match="max_decoded_pixels 100"):
+        decode_rgb(rgb_to_compressed(_pairs_rgb(16, 16), "png"), max_pixels=100)
+
+
+@pytest.mark.parametrize("msg, match", [
+    (_raw("rgb8", bytes(12), 100_000, 100_000, 300_000), "declares 100000x100000"),
+    (_raw("rgb8", bytes(12), 2, 4_294_967_295, 12), "declares 4294967295x2"),
+    (_raw("rgb8", bytes(12), 1, 4, 4_294_967_295), "truncated"),
+])
+def test_absurd_raw_sizes_are_refused(msg: Image, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        decode_rgb(msg)
+
+
+def test_decode_rgb_takes_either_transport() -> None:
+    rgb = _pairs_rgb(8, 10)
+    np.testing.assert_array_equal(decode_rgb(rgb_to_image(rgb, "bgr8")), rgb)
+    np.testing.assert_array_equal(decode_rgb(rgb_to_compressed(rgb, "png")), rgb)
+    with pytest.raises(ValueError, match="max_decoded_pixels 79"):
+        decode_rgb(rgb_to_image(rgb), max_pixels=79)
 
 
 def test_camera_info_to_intrinsics() -> None:

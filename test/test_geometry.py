@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from depthkd_core.geometry import (TURBO_LUT, Intrinsics, align_depth, backproject_depth,
-                                   colorize_depth, fit_median_scale, fit_scale_shift)
+from depthkd_core.geometry import (TURBO_LUT, Intrinsics, IntrinsicsBounds, align_depth,
+                                   backproject_depth, colorize_depth, fit_median_scale,
+                                   fit_scale_shift)
 
 NAN = np.nan
 
@@ -20,6 +21,32 @@ def test_intrinsics_rejects_bad_values(kwargs, name):
     good = dict(fx=100.0, fy=80.0, cx=31.5, cy=23.5, width=64, height=48)
     with pytest.raises(ValueError, match=name):
         Intrinsics(**{**good, **kwargs})
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(fx=1e-30, fy=1e-30), "fx=1e-30 is 1.56e-32 image widths"),
+    (dict(fy=4.7), "fy=4.7 is 0.0979 image heights"),
+    (dict(fx=6401.0), "fx=6401 is 100 image widths"),
+    (dict(cx=1e38), "cx=1e\\+38 is 1.56e\\+36 image widths"),
+    (dict(cy=-1e38), "cy=-1e\\+38"),
+    (dict(cx=31.5 + 64.5), "cx=96 is 1.01 image widths"),
+])
+def test_implausible_intrinsics_are_refused(changes, match):
+    good = dict(fx=60.0, fy=62.0, cx=31.5, cy=23.5, width=64, height=48)
+    bounds = IntrinsicsBounds()
+    bounds.check(Intrinsics(**good))
+    # The edges of the defaults pass: 157 deg and 0.6 deg fields of view, a principal
+    # point half an image outside the image.
+    bounds.check(Intrinsics(**{**good, "fx": 6.4, "fy": 4800.0, "cx": 31.5 + 64.0}))
+    with pytest.raises(ValueError, match=match):
+        bounds.check(Intrinsics(**{**good, **changes}))
+
+
+def test_intrinsics_bounds_validate_themselves():
+    for kwargs in (dict(min_focal=0.0), dict(min_focal=5.0, max_focal=1.0),
+                   dict(max_focal=np.inf), dict(principal_margin=-1.0)):
+        with pytest.raises(ValueError):
+            IntrinsicsBounds(**kwargs)
 
 
 def test_scaled_and_cropped_hand_values():

@@ -12,7 +12,7 @@ from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry import Intrinsics
 from depthkd_core.inference import (DepthEstimator, EstimatorConfig, build_point_cloud,
                                     decimated_intrinsics, sample_at_sparse)
-from helpers import FASTDEPTH, TUM, write_linear_onnx
+from helpers import FASTDEPTH, TUM, write_bright_nan_onnx, write_linear_onnx
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,26 @@ def test_non_finite_model_output_is_rejected(tmp_path: Path, offset: float) -> N
     estimator = DepthEstimator(model, EstimatorConfig(input_size=(8, 12)))
     with pytest.raises(ValueError, match="96 non-finite"):
         estimator.estimate(_frame(8, 12), _K(8, 12))
-    with pytest.raises(ValueError, match="not finite"):
-        estimator.dry_run()
+    with pytest.raises(ValueError, match="not finite on real content: 96 of 96"):
+        estimator.dry_run([_frame(8, 12)])
+
+
+def test_dry_run_judges_real_content_not_a_black_frame(tmp_path: Path) -> None:
+    """A model finite on black frames and NaN where red > 0.5 failed every real frame, but
+    passed the old dry run on a black frame."""
+    model = OnnxDepthModel(write_bright_nan_onnx(tmp_path / "bright_nan.onnx"), "cpu")
+    estimator = DepthEstimator(model, EstimatorConfig())
+    black = np.zeros((32, 64, 3), np.uint8)  # the network size: no resize blurs the block
+    estimator.dry_run([black])
+    bright = black.copy()
+    bright[:4, :6, 0] = 200
+    with pytest.raises(ValueError, match=r"24 of 2048 values are NaN/inf on frame 2 of 2 "
+                                         r"\(64x32\)"):
+        estimator.dry_run([black, bright])
+    with pytest.raises(ValueError, match="24 non-finite"):
+        estimator.estimate(bright, _K(32, 64))
+    with pytest.raises(ValueError, match="at least one frame"):
+        estimator.dry_run([])
 
 
 def test_bad_frames_are_rejected(ramp_model: OnnxDepthModel) -> None:
@@ -191,7 +209,7 @@ def test_fastdepth_on_real_tum_frame() -> None:
     K = Intrinsics(525.0, 525.0, 319.5, 239.5, 640, 480)
     model = OnnxDepthModel(FASTDEPTH, providers="cpu")
     estimator = DepthEstimator(model, EstimatorConfig(min_depth=0.1, max_depth=10.0))
-    estimator.dry_run()
+    estimator.dry_run([rgb])
     result = estimator.estimate(rgb, K)
     assert result.depth.shape == (480, 640) and result.intrinsics == K
     valid = np.isfinite(result.depth) & (gt > 0)

@@ -95,3 +95,46 @@ class Intrinsics:
         if K[0, 1] != 0.0 or K[1, 0] != 0.0 or np.any(K[2] != (0.0, 0.0, 1.0)):
             raise ValueError(f"camera matrix is not a skew-free pinhole matrix: {K.tolist()}")
         return cls(fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width, height=height)
+
+
+@dataclass(frozen=True)
+class IntrinsicsBounds:
+    """What a real pinhole camera's intrinsics look like against its image size.
+
+    A camera_info can be finite and positive and still absurd (fx = 1e-30 puts
+    back-projected points at 1e32 m). ``min_focal`` / ``max_focal`` bound the focal
+    length in image sizes (fx / width, fy / height): 0.1 is a 157 deg field of
+    view, wider than a rectified pinhole image is usable at, and 100 is 0.6 deg,
+    narrower than long telephoto lenses. ``principal_margin``: the principal point
+    lies at most this many image widths (heights) from the image centre; 1.0 lets it
+    sit up to half an image outside the image, as crops of a larger frame can.
+    """
+
+    min_focal: float = 0.1
+    max_focal: float = 100.0
+    principal_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.min_focal < self.max_focal < math.inf):
+            raise ValueError(f"need 0 < min_focal < max_focal < inf, got min_focal="
+                             f"{self.min_focal}, max_focal={self.max_focal}")
+        if not (0.0 <= self.principal_margin < math.inf):
+            raise ValueError(f"principal_margin must be finite and >= 0, "
+                             f"got {self.principal_margin}")
+
+    def check(self, K: Intrinsics) -> None:
+        """ValueError naming the first implausible value of ``K``."""
+        for name, focal, size, side in (("fx", K.fx, K.width, "width"),
+                                        ("fy", K.fy, K.height, "height")):
+            ratio = focal / size
+            if not self.min_focal <= ratio <= self.max_focal:
+                raise ValueError(f"{name}={focal:g} is {ratio:.3g} image {side}s ({size} px); "
+                                 f"a plausible focal length is {self.min_focal:g} to "
+                                 f"{self.max_focal:g} (min_focal_ratio, max_focal_ratio)")
+        for name, centre, size, side in (("cx", K.cx, K.width, "width"),
+                                         ("cy", K.cy, K.height, "height")):
+            offset = abs(centre - (size - 1) / 2) / size
+            if offset > self.principal_margin:
+                raise ValueError(f"{name}={centre:g} is {offset:.3g} image {side}s ({size} px) "
+                                 f"from the image centre; at most {self.principal_margin:g} is "
+                                 "plausible (max_principal_offset)")
