@@ -276,7 +276,12 @@ class DepthNode(SetupNode):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._make_topics(values)
+        self._candidate: tuple[Pipeline, bool] | None = None
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        # Humble has no post-set hook: there a validated change is committed at once.
+        self._commit_on_set = not hasattr(self, "add_post_set_parameters_callback")
+        if not self._commit_on_set:
+            self.add_post_set_parameters_callback(self._on_parameters_set)
         self.create_timer(values["diagnostics_period"], self._publish_diagnostics)
         self._worker = threading.Thread(target=self._run, name="depth_node_worker", daemon=True)
         self._worker.start()
@@ -343,7 +348,12 @@ class DepthNode(SetupNode):
             self._sparse = msg
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        """Validate a run-time change; a new model_path is loaded beside the old model."""
+        """Validate a run-time change: the pipeline it needs is built (a new model_path loaded
+        and judged beside the running model) and held until ``_on_parameters_set`` commits it.
+
+        The load happens here, not later, so that a model that cannot run is refused with its
+        reason to whoever set the parameter; inference goes on meanwhile on the worker."""
+        self._candidate = None
         values = {**self.parameter_values(), **{p.name: p.value for p in params}}
         swap = values["model_path"] != self.get_parameter("model_path").value
         try:
@@ -357,10 +367,20 @@ class DepthNode(SetupNode):
         except Exception as exc:  # noqa: BLE001
             self.get_logger().warning(f"rejected parameter change: {exc}")
             return SetParametersResult(successful=False, reason=str(exc))
+        self._candidate = (pipeline, swap)
+        if self._commit_on_set:
+            self._on_parameters_set(params)
+        return SetParametersResult(successful=True)
+
+    def _on_parameters_set(self, params: list[Parameter]) -> None:
+        """Commit what ``_on_set_parameters`` validated, once every validator has accepted."""
+        if self._candidate is None:
+            return
+        pipeline, swap = self._candidate
+        self._candidate = None
         self._pipeline = pipeline  # one reference assignment: the swap is atomic
         if swap:
             self.get_logger().info(f"hot-swapped the model: now {pipeline.model_path}")
-        return SetParametersResult(successful=True)
 
     # -- worker ------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -30,6 +30,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.exceptions import InvalidParameterValueException  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rcl_interfaces.msg import SetParametersResult  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
@@ -400,6 +401,29 @@ def test_hot_swap_judges_the_model_on_real_frames(ros: Any) -> None:
     with pytest.raises(ValueError, match="judged on the bundled sample frame: .* NaN/inf"):
         DepthNode(context=ros["context"], namespace="fresh", parameter_overrides=[
             Parameter("model_path", value=str(bright_nan))])
+
+
+def test_a_change_another_validator_refuses_is_never_committed(ros: Any) -> None:
+    """on-set validates, post-set commits: a model another on-set callback refuses after
+    ours accepted it must not go live (it did while ours swapped as it validated)."""
+    refused = write_linear_onnx(ros["models"] / "refused.onnx", 0.0, 7.0)
+
+    class Guarded(DepthNode):
+        def _setup(self) -> None:
+            # registered first, so rclpy calls it after the node's own validator
+            self.add_on_set_parameters_callback(lambda params: SetParametersResult(
+                successful=not any(str(p.value).endswith("refused.onnx") for p in params),
+                reason="site policy"))
+            super()._setup()
+
+    node = Guarded(context=ros["context"], namespace="guarded")
+    try:
+        before = node._pipeline
+        result = node.set_parameters([Parameter("model_path", value=str(refused))])[0]
+        assert not result.successful and result.reason == "site policy"
+        assert node._pipeline is before and not node._pipeline.model_path.endswith("refused.onnx")
+    finally:
+        node.destroy_node()
 
 
 def test_diagnostics(ros: Any) -> None:
