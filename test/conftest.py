@@ -9,19 +9,14 @@ import os
 
 import pytest
 
-from helpers import FASTDEPTH, REDWOOD, SHARED, TUM
+from helpers import require_shared
 
 # The models under test are tiny: one intra-op thread is as fast, and it avoids
 # OpenMP threads spinning against each other (and against the depth_node
 # processes some tests start) on a small machine. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED_FILES = (FASTDEPTH, TUM / "tum_color.png", TUM / "tum_depth.png", REDWOOD)
-
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("needs_shared") is None:
-        return
-    missing = [str(p) for p in SHARED_FILES if not p.exists()]
-    if missing:
-        pytest.skip(f"needs_shared: {SHARED} is not beside the clone (missing {', '.join(missing)})")
+    if item.get_closest_marker("needs_shared") is not None:
+        require_shared()

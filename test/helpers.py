@@ -15,6 +15,19 @@ TUM = SHARED / "data" / "tum_sample"
 REDWOOD = SHARED / "data" / "redwood_sample"
 
 
+SHARED_FILES = (FASTDEPTH, TUM / "tum_color.png", TUM / "tum_depth.png", REDWOOD)
+
+
+def require_shared() -> None:
+    """Skip (with the one reason every such skip gives) unless ../shared is beside the clone:
+    the ``needs_shared`` marker calls it; a module-scoped fixture that reads ../shared too."""
+    import pytest
+
+    missing = [str(p) for p in SHARED_FILES if not p.exists()]
+    if missing:
+        pytest.skip(f"needs_shared: {SHARED} is not beside the clone (missing {', '.join(missing)})")
+
+
 def ros_domain(base: int) -> int:
     """A ROS_DOMAIN_ID unique to one test module (``base``), shifted by
     DEPTHKD_TEST_DOMAIN_OFFSET so suites run side by side (two checkouts) never cross."""

@@ -25,7 +25,7 @@ from depthkd_core.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
-from helpers import FASTDEPTH
+from helpers import write_linear_onnx
 SWIN = "swin_tiny_patch4_window7_224"
 
 
@@ -187,7 +187,7 @@ def test_refuses_cnn_and_onnx_teachers(assets: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="use_lam needs use_fam"):
         build_method(_cfg(assets, "method_kwargs.use_fam=false"))
     with pytest.raises(ValueError, match="stage features.*OnnxTeacher"):
-        build_method(_cfg(assets, f"teacher={FASTDEPTH}"))
+        build_method(_cfg(assets, f"teacher={write_linear_onnx(assets['root'] / 'linear.onnx', 1.0, 0.5)}"))
 
 
 def test_distill_cli_end_to_end(assets: dict[str, Path]) -> None:

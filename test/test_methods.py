@@ -23,7 +23,7 @@ from depthkd_core.models import (load_checkpoint, load_teacher)
 from depthkd_core.models.transform_net import TransformationNet
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
-from helpers import FASTDEPTH, save_tiny_teacher
+from helpers import save_tiny_fastdepth_onnx, save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
@@ -145,23 +145,27 @@ def test_ablation_switches(assets: dict[str, Path], monkeypatch: pytest.MonkeyPa
         build_method(_cfg(assets, "method_kwargs.use_g=false", "method_kwargs.kd_on_gx=true"))
 
 
-@pytest.mark.needs_shared
-def test_onnx_teacher_refused_for_g_and_mixing_only_works(assets: dict[str, Path]) -> None:
+@pytest.fixture(scope="module")
+def onnx_teacher(assets: dict[str, Path]) -> Path:
+    """An ONNX teacher of FastDepth's architecture (BN folded away, convertible to torch)."""
+    return save_tiny_fastdepth_onnx(assets["root"] / "tiny_fastdepth.onnx")
+
+
+def test_onnx_teacher_refused_for_g_and_mixing_only_works(assets: dict[str, Path], onnx_teacher: Path) -> None:
     with pytest.raises(ValueError) as err:
-        build_method(_cfg(assets, f"teacher={FASTDEPTH}"))
+        build_method(_cfg(assets, f"teacher={onnx_teacher}"))
     message = str(err.value)
     assert "BatchNorm statistics and gradients" in message and "use_g: false" in message
     assert "mixing-only" in message and "BatchNorm folded" in message
     out = assets["root"] / "onnx_mixing_only"
-    assert main(["distill", "--config", str(TINY), "--out", str(out), f"teacher={FASTDEPTH}",
+    assert main(["distill", "--config", str(TINY), "--out", str(out), f"teacher={onnx_teacher}",
                  f"data.root={assets['sim']}", "method_kwargs.use_g=false"]) == 0
     model, _, extra = load_checkpoint(out / "final.pt")
     assert extra["step"] == 2 and extra["config"]["method_kwargs"]["use_g"] is False
 
 
-@pytest.mark.needs_shared
-def test_dfad_trains_its_generator_through_an_onnx_teacher(assets: dict[str, Path]) -> None:
-    method, student = build_method(_cfg(assets, f"teacher={FASTDEPTH}", "method=dfad"))
+def test_dfad_trains_its_generator_through_an_onnx_teacher(assets: dict[str, Path], onnx_teacher: Path) -> None:
+    method, student = build_method(_cfg(assets, f"teacher={onnx_teacher}", "method=dfad"))
     assert method.teacher.differentiable and method.teacher.module is not None
     losses = method.step(student, {"index": torch.arange(2)})
     losses["loss_g"].backward()

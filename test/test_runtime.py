@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from depthkd_core.runtime import OnnxDepthModel, create_session
 
 REPO = Path(__file__).resolve().parents[1]
-from helpers import FASTDEPTH, TUM
+from helpers import FASTDEPTH, TUM, write_linear_onnx
 
 TUM_RGB = TUM / "tum_color.png"
 
@@ -37,25 +37,24 @@ def _mean_model(path: Path, keepdims: bool, height=None, width=None) -> Path:
     return path
 
 
-@pytest.mark.needs_shared
-def test_auto_picks_cpu_here_and_logs(caplog) -> None:
+def test_auto_picks_cpu_here_and_logs(caplog, tmp_path: Path) -> None:
+    model = write_linear_onnx(tmp_path / "linear.onnx", 1.0, 0.5)
     with caplog.at_level(logging.INFO, logger="depthkd_core.runtime"):
-        session, provider = create_session(FASTDEPTH, "auto", intra_op_num_threads=1)
+        session, provider = create_session(model, "auto", intra_op_num_threads=1)
     assert provider == "CPUExecutionProvider"
     assert session.get_providers()[0] == provider
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == \
-        ["ONNX Runtime runs fast_depth_224.onnx on CPUExecutionProvider"]
+        ["ONNX Runtime runs linear.onnx on CPUExecutionProvider"]
 
 
-@pytest.mark.needs_shared
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
-def test_explicit_gpu_unusable_raises(provider: str) -> None:
+def test_explicit_gpu_unusable_raises(provider: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("a CUDA build of onnxruntime is installed")
     with pytest.raises(ValueError, match=f"provider '{provider}' unusable .*not in this onnxruntime build"):
-        create_session(FASTDEPTH, provider)
+        create_session(write_linear_onnx(tmp_path / "linear.onnx", 1.0, 0.5), provider)
 
 
 def test_session_errors(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits,
 from depthkd_ros import teacher_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-from helpers import FASTDEPTH, TUM as TUM_DIR, wait_until
+from helpers import FASTDEPTH, TUM as TUM_DIR, require_shared, wait_until
 
 TUM = TUM_DIR / "tum_color.png"
 TOKEN = "s3cret-token"
@@ -110,8 +110,7 @@ def test_protocol_refuses_malformed_tensors(case: str) -> None:
 @pytest.fixture(scope="module")
 def served() -> Any:
     """The real FastDepth ONNX teacher behind the server, on 127.0.0.1:<ephemeral>."""
-    if not FASTDEPTH.is_file():
-        pytest.skip(f"missing {FASTDEPTH}")
+    require_shared()
     from depthkd_core.models.teachers import load_teacher
 
     teacher = load_teacher(FASTDEPTH)
@@ -131,8 +130,7 @@ def _direct(teacher: Any, images: np.ndarray) -> np.ndarray:
 def _tum_images() -> np.ndarray:
     import cv2
 
-    if not TUM.is_file():
-        pytest.skip(f"missing {TUM}")
+    require_shared()
     rgb = cv2.cvtColor(cv2.imread(str(TUM)), cv2.COLOR_BGR2RGB)
     rgb = cv2.resize(rgb, (160, 120), interpolation=cv2.INTER_AREA)
     image = rgb.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
@@ -355,12 +353,11 @@ def test_server_program_takes_every_bound_as_a_flag() -> None:
             teacher_server.main(["--teacher", "t", flag, value])
 
 
+@pytest.mark.needs_shared
 def test_server_program_serves(tmp_path: Path) -> None:
     """The console-script entry point really serves, on loopback, with a token, and stops
     quietly on Ctrl-C as ros2 launch delivers it: twice (uvicorn took the second one as
     "force exit" and cancelled its own shutdown, with a traceback)."""
-    if not FASTDEPTH.is_file():
-        pytest.skip(f"missing {FASTDEPTH}")
     (tmp_path / "token").write_text(TOKEN)
     port = _closed_port()
     proc = subprocess.Popen([sys.executable, "-m", "depthkd_ros.teacher_server",
