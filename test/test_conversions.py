@@ -12,19 +12,19 @@ import pytest
 pytest.importorskip("sensor_msgs.msg")
 pytestmark = pytest.mark.ros
 
-from sensor_msgs.msg import (CameraInfo, CompressedImage, Image, PointCloud2,  # noqa: E402
+from sensor_msgs.msg import (CameraInfo, CompressedImage, Image, PointCloud2,
                              PointField)
-from std_msgs.msg import Header  # noqa: E402
+from std_msgs.msg import Header
 
-from depthkd_core.geometry import Intrinsics  # noqa: E402
-from depthkd_ros.conversions import (COLOR_ENCODINGS, MAX_DECODED_PIXELS,  # noqa: E402
+from depthkd_core.geometry import Intrinsics
+from depthkd_ros.conversions import (COLOR_ENCODINGS, MAX_DECODED_PIXELS,
                                      camera_info_to_intrinsics, compressed_size,
                                      compressed_to_rgb, decode_rgb, depth_image_to_numpy,
                                      depth_to_image, image_to_numpy, image_to_rgb,
                                      intrinsics_to_camera_info, numpy_to_image,
                                      pointcloud2_to_numpy, points_to_pointcloud2,
                                      rgb_to_compressed, rgb_to_image)
-from depthkd_ros.tools.fuzz_messages import png_bomb  # noqa: E402
+from depthkd_ros.tools.fuzz_messages import png_bomb
 
 
 def _pairs_rgb(height: int = 4, width: int = 6, seed: int = 0) -> np.ndarray:

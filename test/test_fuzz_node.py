@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
-from depthkd_ros.tools.fuzz_node import run_fuzz  # noqa: E402
-from helpers import ros_domain  # noqa: E402
+from depthkd_ros.tools.fuzz_node import run_fuzz
+from helpers import ros_domain
 
 
 def test_short_fuzz_run_no_crash_no_drift(tmp_path: Path) -> None:

@@ -24,15 +24,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, Response  # noqa: E402
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
-from depthkd_core.serving.client import (CircuitBreaker, TeacherBusy, TeacherClient,  # noqa: E402
+from depthkd_core.serving.client import (CircuitBreaker, TeacherBusy, TeacherClient,
                                          TeacherRequestError, TeacherUnavailable)
-from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,  # noqa: E402
+from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,
                                            decode_message, encode_message)
-from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits, create_app  # noqa: E402
-from depthkd_ros import teacher_server  # noqa: E402
+from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits, create_app
+from depthkd_ros import teacher_server
 
 REPO = Path(__file__).resolve().parents[1]
 from helpers import FASTDEPTH, TUM as TUM_DIR, require_shared, wait_until
