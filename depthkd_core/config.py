@@ -35,7 +35,7 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> Any:
     """Parse YAML text with the safe loader above (no tags that run code)."""
-    return yaml.load(text, Loader=_Loader)
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
 
 
 def _is_dataclass_type(tp: Any) -> bool:
