@@ -22,10 +22,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from depthkd_core.config import load_config
 from depthkd_core.evaluate.judge import RealSet, frames_of, judge
+from depthkd_core.evaluate.profile import measure_latency
 from depthkd_core.evaluate.report import model_cost, to_markdown
 
 
@@ -45,7 +47,7 @@ class RealRow:
 class RealBenchConfig:
     """teacher: the reference for agreement. height/width: the frames are evaluated at
     this size (each model resizes to its own input and back, as the live node does).
-    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model."""
+    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model, in 5 rounds beside the teacher's."""
 
     teacher: str
     rows: list[RealRow]
@@ -101,6 +103,19 @@ def make_missing(rows: list[RealRow]) -> None:
                 raise ValueError(f"row '{row.name}': its recipe made {recipe.out_dir}, not {row.model}")
 
 
+def paired_latency(model: Any, teacher: Any, cfg: RealBenchConfig, rounds: int = 5) -> dict[str, float]:
+    """``latency_ms`` of ``model`` (median) and ``latency_vs_teacher``: the median over
+    ``rounds`` of its time over the teacher's, each pair measured back to back, so that a
+    machine whose load changes during the run does not skew one row against another."""
+    runs = max(1, cfg.latency_runs // rounds)
+    pairs = [(measure_latency(model, _own_shape(model, cfg), runs=runs)["median_ms"],
+              measure_latency(teacher, _own_shape(teacher, cfg), runs=runs)["median_ms"])
+             for _ in range(rounds)]
+    ms, teacher_ms = (np.asarray(column) for column in zip(*pairs))
+    return {"latency_ms": float(np.median(ms)), "latency_vs_teacher": float(np.median(ms / teacher_ms)),
+            "teacher_ms": float(np.median(teacher_ms))}
+
+
 def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     """One result row per (model, frame set); writes real.json and real.md to ``out_dir``."""
     from depthkd_core.models.teachers import load_teacher
@@ -112,16 +127,18 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             + " (depthkd bench-real --make runs the rows' recipes)")
     teacher = load_teacher(cfg.teacher)
     sets = {s.name: frames_of(s, cfg.height, cfg.width) for s in cfg.sets}
-    teacher_ms = model_cost(teacher, _own_shape(teacher, cfg), cfg.latency_runs)["latency_ms"]
-    results = []
+    results, teacher_ms = [], []
     for row in cfg.rows:
         model = load_teacher(row.model)
-        cost = model_cost(model, _own_shape(model, cfg), cfg.latency_runs)
+        cost = model_cost(model, _own_shape(model, cfg), latency_runs=0)
+        latency = paired_latency(model, teacher, cfg)
+        teacher_ms.append(latency.pop("teacher_ms"))
         size = "x".join(map(str, model.input_size)) if model.input_size else "any"
         for name, frames in sets.items():
             results.append({"model": row.name, "set": name, "input": size,
                             **judge(model, teacher, frames, cfg.min_depth, cfg.max_depth), **cost,
-                            "latency_vs_teacher": cost["latency_ms"] / teacher_ms})
+                            **latency})
+    teacher_ms = float(np.median(teacher_ms))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "teacher": cfg.teacher, "teacher_latency_ms": teacher_ms,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -142,7 +159,9 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table as markdown, with what it was measured against."""
     head = (f"Real frames ({', '.join(s['name'] for s in meta['sets'])}), {meta['date']}; "
             f"agreement: the teacher {Path(meta['teacher']).name} as reference "
-            f"({meta['teacher_latency_ms']:.1f} ms); gt_med: per-image median-aligned.\n\n")
+            f"({meta['teacher_latency_ms']:.1f} ms, median of its runs beside each row's: "
+            "latency_vs_teacher is the median ratio of back-to-back pairs); gt_med: per-image "
+            "median-aligned.\n\n")
     return head + to_markdown(results, COLUMNS)
 
 
