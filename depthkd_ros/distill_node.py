@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -294,15 +295,21 @@ class DistillNode(SetupNode):
         self.supervisor.run(self._stop)
 
     def _call(self, client: Any, request: Any) -> Any:
-        """A service call answered within service_timeout_s (the executor spins elsewhere)."""
+        """A service call answered within service_timeout_s (the executor spins elsewhere);
+        PushError when it is not. Shutdown ends the wait at once."""
         timeout = self.values["service_timeout_s"]
-        if not client.wait_for_service(timeout_sec=timeout):
-            raise PushError(f"no service {client.srv_name} after {timeout:g} s")
+        deadline = time.monotonic() + timeout
+        while not client.service_is_ready():
+            if self._stop.wait(0.05) or time.monotonic() > deadline:
+                raise PushError(f"no service {client.srv_name} after {timeout:g} s")
         future = client.call_async(request)
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout) or future.result() is None:
-            raise PushError(f"{client.srv_name} did not answer within {timeout:g} s")
+        while not done.wait(0.05):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                raise PushError(f"{client.srv_name} did not answer within {timeout:g} s")
+        if future.result() is None:
+            raise PushError(f"{client.srv_name} failed: {future.exception()}")
         return future.result()
 
     def _read_live(self) -> Path:

@@ -197,11 +197,12 @@ def distill_process(domain_id: int, ns: str, store: Path, url: str, log: Path, *
     return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def latest_status(cam: Camera, proc: Any, predicate: Callable[[dict], bool], what: str) -> dict:
+def latest_status(cam: Camera, proc: Any, predicate: Callable[[dict], bool], what: str,
+                  timeout: float = 30.0) -> dict:
     def check() -> dict | None:
         assert proc.poll() is None, f"distill_node exited with {proc.returncode}"
         return next((s for s in reversed(cam.status[-5:]) if predicate(s)), None)
-    return wait_until(check, timeout=30.0, what=what)
+    return wait_until(check, timeout=timeout, what=what)
 
 
 # Fixtures for the test modules (imported by name): each module's DOMAIN_ID keeps parallel

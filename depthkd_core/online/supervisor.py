@@ -199,11 +199,13 @@ class Supervisor:
         init = Path(self.state.init_checkpoint) if self.state.init_checkpoint \
             else checkpoint_for(live)
         if init is None:
-            self.training = (f"no checkpoint for the live model {live} (neither "
-                             f"{live.with_suffix('.pt').name} nor a 'checkpoint' in "
-                             f"{live.with_suffix('.json').name} beside it): collecting and "
-                             f"labelling only")
-            self.log.error(self.training)
+            reason = (f"no checkpoint for the live model {live} (neither "
+                      f"{live.with_suffix('.pt').name} nor a 'checkpoint' in "
+                      f"{live.with_suffix('.json').name} beside it): collecting and "
+                      f"labelling only")
+            if reason != self.training:  # once, not every retry
+                self.log.error(reason)
+            self.training = reason
             stop.wait(self.cfg.retry_pause_s)
             return False
         self.training = ""
@@ -257,6 +259,8 @@ class Supervisor:
                 self.sync(at_start=True)
                 break
             except Exception as exc:  # noqa: BLE001 - the depth node is not up yet
+                if stop.is_set():
+                    return
                 self.counts.error(f"cannot read the depth node's model: {exc}")
                 self.log.warning(f"cannot read the depth node's model: {exc}")
                 stop.wait(self.cfg.retry_pause_s)
