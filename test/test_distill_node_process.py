@@ -319,9 +319,12 @@ def test_ctrl_c_during_gate_and_export_exits_cleanly_and_the_round_resumes(
     proc = distill_process(DOMAIN_ID, "cc", store_dir, teacher_url, tmp_path / "first.log", **extra)
     try:
         _feed(cam, proc, range(5))
-        # training is over; the candidate is being exported and gated now
-        wait_until(lambda: (store_dir / "rounds" / "round_0001" / "round.json").is_file(),
-                   timeout=120.0, what="the round's training to finish")
+        work = store_dir / "rounds" / "round_0001"
+        # training is over and the candidate is being exported (then gated): its temp file,
+        # or (the node exporting itself) the registry's staging folder, exists
+        wait_until(lambda: any(work.glob(".candidate.onnx*")) or
+                   (store_dir / "models" / ".staging").exists(),
+                   timeout=120.0, what="the candidate's export")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)  # a few seconds at most, never a hang
     finally:
