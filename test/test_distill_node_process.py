@@ -308,6 +308,7 @@ def test_sigkill_during_a_round_leaves_no_trainer_and_a_restart_runs_one(
     wait_until(lambda: not _trainers(store_dir), timeout=10.0, what="no trainer after Ctrl-C")
 
 
+@pytest.mark.slow  # ~2 min: two node starts, a round, two exports
 def test_ctrl_c_during_gate_and_export_exits_cleanly_and_the_round_resumes(
         ros: Ros, teacher_url: str, tmp_path: Path) -> None:
     from depthkd_core.online.registry import ModelRegistry
@@ -396,12 +397,14 @@ def _kill_restart_until_deploy(ros: Ros, teacher_url: str, tmp_path: Path, ns: s
     return figures
 
 
+@pytest.mark.slow  # ~100 s on the shared 2 cores: the last life runs a whole round
 def test_three_random_sigkills_still_reach_a_validated_deploy(
         ros: Ros, teacher_url: str, tmp_path: Path) -> None:
     _kill_restart_until_deploy(ros, teacher_url, tmp_path, "k3", 3, (1.0, 6.0), seed=3)
 
 
 @pytest.mark.slow  # ~6 min: 20 node starts, rounds resumed across the kills
+@pytest.mark.timeout(1200)
 def test_twenty_random_sigkills_with_a_live_teacher(
         ros: Ros, teacher_url: str, tmp_path: Path) -> None:
     _kill_restart_until_deploy(ros, teacher_url, tmp_path, "k20", 20, (3.0, 25.0), seed=20)
