@@ -85,6 +85,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("min_new_keyframes", 20, "teacher-labelled keyframes new since the last round "
               "that start a round", 1, 1000000),
     ParamSpec("gate_margin", 0.02, "AbsRel the candidate must beat the live model by", 0.0, 1.0),
+    ParamSpec("refused_lr_decay", 0.5, "each round refused in a row multiplies the next round's "
+              "learning rate by this (1 = never lowered)", 0.01, 1.0),
+    ParamSpec("min_lr_scale", 0.125, "the lowest fraction of the config's learning rate",
+              0.001, 1.0),
     ParamSpec("export_height", 192, "ONNX export height of a deployed model (a student that "
               "fixes its input size, like the packaged one, exports at that size)", 32, 4096),
     ParamSpec("export_width", 256, "ONNX export width of a deployed model (see export_height)",
@@ -148,7 +152,7 @@ class DistillNode(SetupNode):
         self.counts = self._counters.values  # read-only view for status and tests
         cfg = SupervisorConfig(v["min_new_keyframes"], v["gate_margin"], v["export_height"],
                                v["export_width"], v["round_timeout_s"], v["finetune_config"],
-                               v["retry_pause_s"])
+                               v["retry_pause_s"], v["refused_lr_decay"], v["min_lr_scale"])
         try:  # first: its lock keeps a second node off the store before anything is written
             self.supervisor = Supervisor(root, cfg, self._push, self._read_live, self._counters,
                                          self.get_logger())

@@ -513,11 +513,13 @@ class FakeRounds:
     def __init__(self) -> None:
         self.inits: list[Path] = []
         self.lives: list[str] = []
+        self.lr_scales: list[float] = []
         self.verdicts: list[tuple[bool, float, float]] = []
 
     def __call__(self, store, init, work, config, timeout, stop, extra):
         self.inits.append(Path(init))
         self.lives.append(extra[extra.index("--live") + 1])
+        self.lr_scales.append(float(extra[extra.index("--lr-scale") + 1]))
         work.mkdir(parents=True, exist_ok=True)
         (work / "final.pt").write_text(f"weights of {work.name}")
         (work / "candidate.onnx").write_text(f"onnx of {work.name}")
@@ -572,6 +574,7 @@ def test_supervisor_follows_the_depth_node_deploys_accumulates_and_rolls_back(tm
     v2 = root / "models" / "v0002.onnx"
     assert depth.model == v2 and sup.status()["deployed_version"] == "v0002"
     assert sup.counts.values["deploys"] == 2 and sup.status()["rounds_run"] == 4
+    assert rounds.lr_scales == [1.0, 0.5, 0.25, 1.0]  # lowered by refusals, reset by a deploy
     # a restart with the depth node back on its launch file's model: the refined one returns
     sup.close()
     depth.model = mine

@@ -13,7 +13,7 @@ ONNX against the live one, so torch never runs in the node, and the gate judges 
 that would go live, in the runtime that would run it.
 
     python -m depthkd_core.online.finetune --store DIR --init CKPT --work DIR [--config YAML]
-        [--lock FILE] [--live ONNX --margin M --export H W]
+        [--lock FILE] [--live ONNX --margin M --export H W] [--lr-scale S]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,9 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=None, help="gate margin (default: config's)")
     parser.add_argument("--export", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="ONNX export size (default: config's height and width)")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiplies the config's learning rate (the supervisor lowers it "
+                        "after refused rounds)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps_per_round=20")
     args = parser.parse_args(argv)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if not 0.0 < args.lr_scale <= 1.0:
+        parser.error(f"--lr-scale must be in (0, 1], got {args.lr_scale}")
+    cfg = replace(cfg, lr=cfg.lr * args.lr_scale)
     if args.lock:
         try:
             lock = hold_lock(Path(args.lock))  # noqa: F841 - held until this process ends

@@ -122,7 +122,8 @@ class RoundState:
     base_model: the ONNX the depth node ran when this line of refinement began (rollback's
     last stop); base_version: the registry version then (versions up to it belong to an
     earlier base); init_checkpoint: where the next round starts ("" = the live model's own
-    checkpoint); on_base: the depth node runs the base model.
+    checkpoint); on_base: the depth node runs the base model; refused_in_a_row: rounds the
+    gate refused since the last deploy (the next round's learning rate falls with it).
     """
 
     def __init__(self, path: Path) -> None:
@@ -137,13 +138,14 @@ class RoundState:
         self.on_base: bool = data.get("on_base", True)
         self.base_model: str = data.get("base_model", "")
         self.base_version: int = data.get("base_version", 0)
+        self.refused_in_a_row: int = data.get("refused_in_a_row", 0)
 
     def save(self) -> None:
         data = {"rounds": self.rounds, "trained_keys": sorted(self.trained_keys),
                 "init_checkpoint": self.init_checkpoint, "deployed_rounds": self.deployed_rounds,
                 "last_loss": self.last_loss, "last_gate": self.last_gate,
                 "on_base": self.on_base, "base_model": self.base_model,
-                "base_version": self.base_version}
+                "base_version": self.base_version, "refused_in_a_row": self.refused_in_a_row}
         with self._lock, atomic_open(self.path, "w") as f:
             json.dump(data, f)
 

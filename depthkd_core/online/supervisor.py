@@ -45,7 +45,9 @@ class SupervisorConfig:
     gate_margin: AbsRel the candidate must beat the live model by. export_height/width: the
     candidate's ONNX size (a student with a fixed input size keeps its own).
     round_timeout_s: a longer round is killed. finetune_config: FinetuneConfig YAML ("" =
-    defaults). retry_pause_s: pause after a failed round or an unreachable depth node."""
+    defaults). retry_pause_s: pause after a failed round or an unreachable depth node.
+    refused_lr_decay: each round the gate refused in a row multiplies the next round's
+    learning rate by this, down to min_lr_scale of the config's (1 = never lowered)."""
 
     min_new_keyframes: int = 20
     gate_margin: float = 0.02
@@ -54,6 +56,11 @@ class SupervisorConfig:
     round_timeout_s: float = 3600.0
     finetune_config: str = ""
     retry_pause_s: float = 5.0
+    refused_lr_decay: float = 0.5
+    min_lr_scale: float = 0.125
+
+    def lr_scale(self, refused_in_a_row: int) -> float:
+        return max(self.min_lr_scale, self.refused_lr_decay ** refused_in_a_row)
 
 
 class PushError(RuntimeError):
@@ -210,13 +217,15 @@ class Supervisor:
             return False
         self.training = ""
         round_id = self.state.rounds + 1
-        self.log.info(f"round {round_id}: fine-tuning from {init}")
         cfg = self.cfg
+        scale = cfg.lr_scale(self.state.refused_in_a_row)
+        self.log.info(f"round {round_id}: fine-tuning from {init} (learning rate x{scale:g})")
         result = self.runner(self.root / "keyframes", init,
                              self.root / "rounds" / f"round_{round_id:04d}", cfg.finetune_config,
                              cfg.round_timeout_s, stop,
                              ["--live", str(live), "--margin", str(cfg.gate_margin),
-                              "--export", str(cfg.export_height), str(cfg.export_width)])
+                              "--export", str(cfg.export_height), str(cfg.export_width),
+                              "--lr-scale", str(scale)])
         if result is None:
             return False  # stopped: the round resumes at the next start
         self._finish(round_id, result, labelled, live)
@@ -236,7 +245,7 @@ class Supervisor:
                 else:
                     path = self.registry.publish(result["onnx"], result["checkpoint"])
                     st.deployed_rounds.append(round_id)
-                    st.on_base, st.init_checkpoint = False, ""
+                    st.on_base, st.init_checkpoint, st.refused_in_a_row = False, "", 0
                     st.last_loss, st.last_gate = float(result["loss"]), gate
                     st.save()  # before the push: a crash now must not deploy this round again
                     self.counts.add("deploys")
@@ -244,9 +253,12 @@ class Supervisor:
             if not gate["deploy"]:
                 # Progress accumulates: a candidate no worse than live is where the next
                 # round continues; only a worse one sends it back to the live checkpoint.
+                # Refused rounds in a row lower the learning rate: short rounds at a rate
+                # that adapted a fresh model overshoot one that is already close.
                 cand, base = _finite(gate.get("candidate_abs_rel")), _finite(gate.get("live_abs_rel"))
                 keep = cand is not None and (base is None or cand <= base)
                 st.init_checkpoint = str(result["checkpoint"]) if keep else ""
+                st.refused_in_a_row += 1
             st.last_loss, st.last_gate = float(result["loss"]), gate
             st.rounds, st.trained_keys = round_id, labelled
             st.save()
