@@ -81,8 +81,11 @@ def reap_trainer(rounds_dir: Path, timeout_s: float = 10.0) -> int | None:
     if pid is not None:
         try:  # the trainer leads its own process group: take its workers with it
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # started by hand, not as a group leader
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + timeout_s
     while True:
         try:
