@@ -41,6 +41,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from depthkd_core.models.teachers import Teacher  # noqa: E402
+import helpers  # noqa: E402
 from helpers import ros_domain  # noqa: E402
 from depthkd_core.online.keyframes import KeyframeStore  # noqa: E402
 from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
@@ -321,11 +322,17 @@ def test_ctrl_c_during_gate_and_export_exits_cleanly_and_the_round_resumes(
     try:
         _feed(cam, proc, range(5))
         work = store_dir / "rounds" / "round_0001"
-        # training is over and the candidate is being exported (then gated): its temp file,
-        # or (the node exporting itself) the registry's staging folder, exists
-        wait_until(lambda: any(work.glob(".candidate.onnx*")) or
-                   (store_dir / "models" / ".staging").exists(),
-                   timeout=120.0, what="the candidate's export")
+        wait_until(lambda: (work / "round.json").is_file(), timeout=120.0,
+                   what="the round's training to finish")
+        # then the candidate is exported (and gated): its temp file, or (a node exporting
+        # itself) the registry's staging folder, exists. A quick export can slip between
+        # two looks: the Ctrl-C then lands during the gate or the deploy, as good a moment.
+        try:
+            helpers.wait_until(lambda: any(work.glob(".candidate.onnx*")) or
+                               (store_dir / "models" / ".staging").exists(),
+                               timeout=60.0, interval=0.002)
+        except AssertionError:
+            pass
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)  # a few seconds at most, never a hang
     finally:
