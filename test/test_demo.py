@@ -38,12 +38,12 @@ def test_packaged_assets_are_small_and_consistent():
     assert np.isfinite(depth).all() and 0.1 <= depth.min() and depth.max() <= 10.0
     # the packaged checkpoint (what distill_node fine-tunes while the packaged ONNX is live)
     # is the ONNX's source, found by the X.onnx -> X.pt convention
-    PACKAGED_CHECKPOINT = checkpoint_for(PACKAGED_MODEL)
-    assert PACKAGED_CHECKPOINT == PACKAGED_MODEL.with_suffix(".pt")
-    assert PACKAGED_CHECKPOINT.stat().st_size <= MAX_ASSET
+    checkpoint = checkpoint_for(PACKAGED_MODEL)
+    assert checkpoint == PACKAGED_MODEL.with_suffix(".pt")
+    assert checkpoint.stat().st_size <= MAX_ASSET
     from depthkd_core.online.gate import checkpoint_predictor
 
-    torch_depth = checkpoint_predictor(PACKAGED_CHECKPOINT, model.input_size)(frames[0].rgb)
+    torch_depth = checkpoint_predictor(checkpoint, model.input_size)(frames[0].rgb)
     assert np.abs(torch_depth - depth).max() <= 1e-3 * depth.max()
 
 
