@@ -1,17 +1,18 @@
 """distill_node: on-robot label-free distillation beside the live depth_node.
 
 Camera frames -> KeyframeSelector -> on-disk KeyframeStore; a teacher thread labels
-stored keyframes through the KServe v2 TeacherClient; a supervisor thread runs a
-fine-tuning round in a separate process, gates the result against the live model and
-hot-swaps a better one into depth_node through its ``model_path`` parameter. The
-logic lives in ``depthkd_core.online``; this node wires parameters, threads and
-topics to it. Topics, parameters and files are documented in docs/distill_node.md.
+stored keyframes through the KServe v2 TeacherClient; a supervisor thread runs the
+policy of ``depthkd_core.online.supervisor`` (a round in a separate process that trains,
+exports and gates; deploy; rollback). What is live is the depth node's ``model_path``,
+read and set through its parameter services. This node wires parameters, threads and
+topics to them. Topics, parameters and files are documented in docs/distill_node.md.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -29,18 +30,21 @@ from depthkd_core.online.keyframes import (
     KeyframeStore,
     StoreFullError,
 )
-from depthkd_core.online.registry import ModelRegistry
-from depthkd_core.online.rounds import RoundState, run_round_process
+from depthkd_core.online.rounds import LockBusyError
+from depthkd_core.online.supervisor import (
+    SUPERVISOR_COUNTERS,
+    Counters,
+    PushError,
+    Supervisor,
+    SupervisorConfig,
+)
 from depthkd_core.serving.client import TeacherClient, TeacherRequestError
 from depthkd_ros.conversions import (
     camera_info_to_intrinsics,
     compressed_to_rgb,
     image_to_rgb,
 )
-from depthkd_ros.depth_node import PACKAGED_MODEL
-
-# The torch checkpoint the packaged ONNX was exported from (make demo-assets).
-PACKAGED_CHECKPOINT = PACKAGED_MODEL.with_suffix(".pt")
+from depthkd_ros.depth_node import resolve_model_path
 from depthkd_ros.node_params import (
     RELIABILITY,
     WARN_THROTTLE_SEC,
@@ -76,16 +80,15 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("breaker_cooldown_s", 30.0, "seconds the breaker stays open", 0.0, 3600.0),
     ParamSpec("max_backoff_s", 30.0, "longest pause of the teacher thread after a failure",
               0.01, 3600.0),
-    ParamSpec("student_checkpoint", "", "torch checkpoint of the live student (first round's "
-              "init); empty = the packaged student.pt when live_model is empty too (the "
-              "packaged student runs), else collect and label only"),
-    ParamSpec("live_model", "", "ONNX the depth node runs before any deploy (gate baseline); "
-              "empty = the packaged student"),
     ParamSpec("finetune_config", "", "YAML of FinetuneConfig fields for the round; empty = "
               "defaults"),
     ParamSpec("min_new_keyframes", 20, "teacher-labelled keyframes new since the last round "
               "that start a round", 1, 1000000),
     ParamSpec("gate_margin", 0.02, "AbsRel the candidate must beat the live model by", 0.0, 1.0),
+    ParamSpec("refused_lr_decay", 0.5, "each round refused in a row multiplies the next round's "
+              "learning rate by this (1 = never lowered)", 0.01, 1.0),
+    ParamSpec("min_lr_scale", 0.125, "the lowest fraction of the config's learning rate",
+              0.001, 1.0),
     ParamSpec("export_height", 192, "ONNX export height of a deployed model (a student that "
               "fixes its input size, like the packaged one, exports at that size)", 32, 4096),
     ParamSpec("export_width", 256, "ONNX export width of a deployed model (see export_height)",
@@ -94,9 +97,15 @@ PARAMS: tuple[ParamSpec, ...] = (
               1.0, 86400.0),
     ParamSpec("depth_node", "depth_node", "name of the depth node to hot-swap (relative names "
               "resolve in this namespace)"),
-    ParamSpec("depth_node_param", "model_path", "the depth node's model parameter"),
-    ParamSpec("service_timeout_s", 10.0, "wait for the depth node's parameter service", 0.1,
+    ParamSpec("depth_node_param", "model_path", "the depth node's model parameter: what is "
+              "live (read at start and before each round, set to deploy and roll back)"),
+    ParamSpec("service_timeout_s", 10.0, "wait for the depth node's parameter services", 0.1,
               600.0),
+    ParamSpec("retry_pause_s", 5.0, "pause after a failed round or an unreachable depth node",
+              0.0, 3600.0),
+    ParamSpec("shutdown_timeout_s", 3.0, "at shutdown, the longest wait for each worker thread "
+              "(the trainer is killed at once; a teacher request may still be in flight)",
+              0.1, 60.0),
     ParamSpec("status_period", 1.0, "seconds between distill/status and /diagnostics", 0.1,
               60.0),
     ParamSpec("rollback", False, "set true: deploy the previous model again (resets to false)",
@@ -113,21 +122,9 @@ def validate(values: dict[str, Any]) -> None:
     if not values["teacher_url"].startswith(("http://", "https://")):
         raise ValueError(f"parameter teacher_url must start with http:// or https://, got "
                          f"{values['teacher_url']!r}")
-    for name in ("token_file", "student_checkpoint", "finetune_config", "live_model"):
+    for name in ("token_file", "finetune_config"):
         if values[name] and not Path(values[name]).expanduser().is_file():
             raise FileNotFoundError(f"parameter {name}: {values[name]!r} does not exist")
-    if values["student_checkpoint"] and not values["live_model"] and not PACKAGED_MODEL.is_file():
-        raise FileNotFoundError("parameter live_model is empty and the packaged student is missing")
-
-
-def student_checkpoint(values: dict[str, Any]) -> str:
-    """The first round's init: the parameter, else the packaged student's checkpoint when
-    the depth node runs the packaged ONNX; "" = no training (collect and label only)."""
-    if values["student_checkpoint"]:
-        return str(Path(values["student_checkpoint"]).expanduser())
-    if not values["live_model"] and PACKAGED_CHECKPOINT.is_file():
-        return str(PACKAGED_CHECKPOINT)
-    return ""
 
 
 def read_token(path: str) -> str | None:
@@ -149,10 +146,26 @@ class DistillNode(SetupNode):
     def _setup(self) -> None:
         v = self.values = declare_params(self, PARAMS)
         validate(v)
-        self.student_checkpoint = student_checkpoint(v)
         root = Path(v["store_dir"]).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
+        self._counters = Counters("received", "skipped", "keyframes", "store_errors", "labelled",
+                                  "teacher_failures", "teacher_rejected", *SUPERVISOR_COUNTERS)
+        self.counts = self._counters.values  # read-only view for status and tests
+        cfg = SupervisorConfig(v["min_new_keyframes"], v["gate_margin"], v["export_height"],
+                               v["export_width"], v["round_timeout_s"], v["finetune_config"],
+                               v["retry_pause_s"], v["refused_lr_decay"], v["min_lr_scale"])
+        try:  # first: its lock keeps a second node off the store before anything is written
+            self.supervisor = Supervisor(root, cfg, self._push, self._read_live, self._counters,
+                                         self.get_logger())
+        except LockBusyError as exc:
+            raise RuntimeError(f"parameter store_dir: {root} is in use by another distill_node "
+                               f"(pid {exc.pid})") from None
+        try:
+            self._build(v, root)
+        except BaseException:
+            self.supervisor.close()
+            raise
+
+    def _build(self, v: dict[str, Any], root: Path) -> None:
         self.store = KeyframeStore(root / "keyframes", max_frames=v["max_frames"],
                                    min_free_bytes=v["min_free_mb"] * 2**20)
         self.selector = KeyframeSelector(v["min_interval_s"], v["novelty_threshold"])
@@ -160,21 +173,16 @@ class DistillNode(SetupNode):
                                     timeout_s=v["teacher_timeout_s"], retries=v["teacher_retries"],
                                     breaker_failures=v["breaker_failures"],
                                     breaker_cooldown_s=v["breaker_cooldown_s"])
-        self.state = RoundState(root / "state.json")
-        self.registry = None  # ModelRegistry: its I/O runs on the supervisor thread
-        self.counts = {"received": 0, "skipped": 0, "keyframes": 0, "store_errors": 0, "labelled": 0,
-                       "teacher_failures": 0, "teacher_rejected": 0, "deploys": 0,
-                       "deploy_rejected": 0, "rollbacks": 0, "round_failures": 0}
-        self.last_error, self.store_error = "", ""
+        self.store_error = ""
         self.teacher_ms: float | None = None
         self.deployed = ""
-        self._lock = threading.Lock()  # counters, pending frame, camera_info
-        self._store_lock = threading.Lock()  # the store is shared by three threads
-        self._registry_lock = threading.Lock()
+        self._lock = threading.Lock()  # pending frame, camera_info
+        self._store_lock = threading.Lock()  # the writer store is shared by two threads
         self._pending: Image | CompressedImage | None = None
         self._info: CameraInfo | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self._make_topics(v)
+        self._get_client = self.create_client(GetParameters, f"{v['depth_node']}/get_parameters")
         self._push_client = self.create_client(SetParameters,
                                                f"{v['depth_node']}/set_parameters")
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -195,15 +203,17 @@ class DistillNode(SetupNode):
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
     def _count(self, key: str, error: str = "") -> None:
-        with self._lock:
-            self.counts[key] += 1
-            self.last_error = error or self.last_error
+        self._counters.add(key, error)
+
+    @property
+    def last_error(self) -> str:
+        return self._counters.last_error
 
     # -- camera: newest frame only, selection and storage off the executor -----------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
         with self._lock:
             self._pending = msg
-            self.counts["received"] += 1
+        self._count("received")
         self._wake.set()
 
     def _on_info(self, msg: CameraInfo) -> None:
@@ -284,108 +294,46 @@ class DistillNode(SetupNode):
             self.store.set_teacher_depth(key, depth, **kind)
         self._count("labelled")
 
-    # -- supervisor: rounds in a separate process, gate, deploy ----------------------------
+    # -- supervisor: the policy runs in depthkd_core.online; here its ROS ends -------------
     def _supervise_loop(self) -> None:
-        with self._registry_lock:
-            self.registry = ModelRegistry(self.root / "models")
-            deployed = self.registry.current() is not None
-        if deployed:  # a restart: the depth node may have come back on its YAML's model
-            self._push(self._live_model())
-        while not self._stop.wait(0.5):
-            if not self.student_checkpoint:
-                continue
-            try:
-                self._maybe_round()
-            except Exception as exc:  # noqa: BLE001 - a failed round is retried later
-                self._count("round_failures", f"round failed: {exc}")
-                self.get_logger().error(f"fine-tuning round failed: {exc}",
-                                        throttle_duration_sec=WARN_THROTTLE_SEC)
-                self._stop.wait(5.0)
+        self.supervisor.run(self._stop)
 
-    def _labelled_keys(self) -> set[str]:
-        with self._store_lock:
-            return set(self.store.keys()) - set(self.store.pending_teacher())
-
-    def _maybe_round(self) -> None:
-        labelled = self._labelled_keys()
-        if len(labelled - self.state.trained_keys) < self.values["min_new_keyframes"]:
-            return
-        round_id = self.state.rounds + 1
-        result = self._run_finetune(round_id)
-        if result is None:
-            return  # stopped
-        checkpoint, loss = Path(result["checkpoint"]), float(result["loss"])
-        self.state.last_loss = loss
-        if round_id not in self.state.deployed_rounds:  # a restart after deploy: not twice
-            self._gate_and_deploy(round_id, checkpoint)
-        self.state.rounds, self.state.trained_keys = round_id, labelled
-        self.state.save()
-
-    def _run_finetune(self, round_id: int) -> dict[str, Any] | None:
-        """One round in its own process (killed at shutdown); round_NNNN/ resumes on retry."""
-        init = self.state.init_checkpoint or self.student_checkpoint
-        self.get_logger().info(f"round {round_id}: fine-tuning from {init}")
-        return run_round_process(self.root / "keyframes", init,
-                                 self.root / "rounds" / f"round_{round_id:04d}",
-                                 self.values["finetune_config"], self.values["round_timeout_s"],
-                                 self._stop)
-
-    def _gate_and_deploy(self, round_id: int, checkpoint: Path) -> None:
-        from depthkd_core.online.gate import gate
-
-        # A reader of its own: the collector keeps writing while the gate scores (seconds).
-        store = KeyframeStore(self.root / "keyframes", writer=False)
-        decision = gate(checkpoint, self._live_model(), store, self.values["gate_margin"])
-        self.state.last_gate = {"deploy": decision.deploy, "live_abs_rel": decision.live_abs_rel,
-                                "candidate_abs_rel": decision.candidate_abs_rel,
-                                "margin": decision.margin, "reason": decision.reason}
-        self.get_logger().info(f"round {round_id} gate: {decision.reason}")
-        if not decision.deploy:
-            return
-        with self._registry_lock:
-            path = self.registry.deploy(checkpoint, self.values["export_height"],
-                                        self.values["export_width"])
-        self.state.init_checkpoint, self.state.on_base = str(checkpoint), False
-        self.state.deployed_rounds.append(round_id)
-        self.state.save()  # before the push: a crash now must not deploy this round again
-        self._count("deploys")
-        self._push(path)
-
-    def _live_model(self) -> Path:
-        """What the depth node should run: the registry's current, else the base model."""
-        with self._registry_lock:
-            current = None if self.state.on_base else self.registry.current()
-        return current or self._base_model()
-
-    def _base_model(self) -> Path:
-        return Path(self.values["live_model"]).expanduser() if self.values["live_model"] \
-            else PACKAGED_MODEL
-
-    def _push(self, model: Path) -> bool:
-        """Set the depth node's model parameter; its rejection reason is logged."""
-        name = self.values["depth_node_param"]
-        if not self._push_client.wait_for_service(timeout_sec=self.values["service_timeout_s"]):
-            self._count("deploy_rejected", f"no parameter service {self._push_client.srv_name}")
-            self.get_logger().error(f"cannot reach {self._push_client.srv_name}")
-            return False
-        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(model))
-        future = self._push_client.call_async(
-            SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)]))
+    def _call(self, client: Any, request: Any) -> Any:
+        """A service call answered within service_timeout_s (the executor spins elsewhere);
+        PushError when it is not. Shutdown ends the wait at once."""
+        timeout = self.values["service_timeout_s"]
+        deadline = time.monotonic() + timeout
+        while not client.service_is_ready():
+            if self._stop.wait(0.05) or time.monotonic() > deadline:
+                raise PushError(f"no service {client.srv_name} after {timeout:g} s")
+        future = client.call_async(request)
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(self.values["service_timeout_s"]) or future.result() is None:
-            self._count("deploy_rejected", "depth node did not answer set_parameters")
-            return False
-        result = future.result().results[0]
-        if not result.successful:
-            self._count("deploy_rejected", f"depth node rejected {model}: {result.reason}")
-            self.get_logger().error(f"depth node rejected {model}: {result.reason}")
-            return False
-        self.deployed = str(model)
-        self.get_logger().info(f"depth node now runs {model}")
-        return True
+        while not done.wait(0.05):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                raise PushError(f"{client.srv_name} did not answer within {timeout:g} s")
+        if future.result() is None:
+            raise PushError(f"{client.srv_name} failed: {future.exception()}")
+        return future.result()
 
-    # -- rollback ---------------------------------------------------------------------------
+    def _read_live(self) -> Path:
+        """The model file the depth node runs: its model parameter, resolved as it does."""
+        name = self.values["depth_node_param"]
+        values = self._call(self._get_client, GetParameters.Request(names=[name])).values
+        if not values or values[0].type != ParameterType.PARAMETER_STRING:
+            raise ValueError(f"{self._get_client.srv_name}: no string parameter {name!r}")
+        return resolve_model_path(values[0].string_value)
+
+    def _push(self, model: Path) -> None:
+        """Set the depth node's model parameter; PushError with its reason if refused."""
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(model))
+        request = SetParameters.Request(parameters=[
+            ParameterMsg(name=self.values["depth_node_param"], value=value)])
+        result = self._call(self._push_client, request).results[0]
+        if not result.successful:
+            raise PushError(f"depth node rejected {model}: {result.reason}")
+        self.deployed = str(model)
+
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for p in params:
             if p.name == "rollback" and p.value:
@@ -394,18 +342,8 @@ class DistillNode(SetupNode):
 
     def _rollback(self) -> None:
         try:
-            with self._registry_lock:
-                if self.registry is None:
-                    raise RuntimeError("model registry not open yet")
-                if self.state.on_base or self.registry.current() is None:
-                    raise ValueError("no deployed model to roll back from")
-                to_base = self.registry.previous() is None  # the first deploy: back to the base
-                model = self._base_model() if to_base else self.registry.rollback()
-                self.state.on_base = to_base
-                self.state.save()
-            if self._push(model):
-                self._count("rollbacks")
-        except Exception as exc:  # noqa: BLE001 - no previous model, unreadable registry
+            self.supervisor.rollback()
+        except Exception as exc:  # noqa: BLE001 - nothing deployed, the depth node refused
             self._count("deploy_rejected", f"rollback failed: {exc}")
             self.get_logger().error(f"rollback failed: {exc}")
         self.set_parameters([Parameter("rollback", value=False)])
@@ -416,19 +354,13 @@ class DistillNode(SetupNode):
         with self._store_lock:
             stored, pending = len(self.store.keys()), len(self.store.pending_teacher())
         breaker = self.client.breaker
-        with self._lock:
-            counts, last_error = dict(self.counts), self.last_error
-        with self._registry_lock:
-            current = (self.registry.current() if self.registry is not None
-                       and not self.state.on_base else None)
+        counts, last_error = self._counters.snapshot()
         return {"frames_stored": stored, "pending_teacher": pending,
                 "teacher_rtt_ms": self.teacher_ms, "teacher_failures": counts["teacher_failures"],
                 "breaker": "open" if breaker.is_open else
                            ("half_open" if breaker.opened_at is not None else "closed"),
-                "rounds_run": self.state.rounds, "last_loss": self.state.last_loss,
-                "last_gate": self.state.last_gate,
-                "deployed_version": current.stem if current else None,
-                "store_error": self.store_error, "last_error": last_error, **counts}
+                **self.supervisor.status(), "store_error": self.store_error,
+                "last_error": last_error, **counts}
 
     def _publish_status(self) -> None:
         status = self.status()
@@ -448,11 +380,12 @@ class DistillNode(SetupNode):
 
     def destroy_node(self) -> None:
         if hasattr(self, "_threads"):
-            self._stop.set()
+            self._stop.set()  # the supervisor kills a running trainer within 0.1 s
             self._wake.set()
             for thread in self._threads:
-                thread.join(timeout=10.0)
+                thread.join(timeout=self.values["shutdown_timeout_s"])
             self.client.close()
+            self.supervisor.close()
         super().destroy_node()
 
 

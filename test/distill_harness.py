@@ -158,11 +158,12 @@ def token_file(tmp_path: Path) -> str:
 
 
 class FakeDepthNode(Node):
-    """Declares model_path and records every set_parameters call; rejects *bad.onnx."""
+    """Declares model_path (``model``: what it runs first) and records every set_parameters
+    call; rejects *bad.onnx."""
 
-    def __init__(self, context: Context, ns: str) -> None:
+    def __init__(self, context: Context, ns: str, model: str | Path = "") -> None:
         super().__init__("depth_node", namespace=ns, context=context)
-        self.declare_parameter("model_path", "")
+        self.declare_parameter("model_path", str(model))
         self.calls: list[str] = []
         self.add_on_set_parameters_callback(self._on_set)
 
@@ -173,14 +174,15 @@ class FakeDepthNode(Node):
 
 
 def weak_student(tmp_path: Path) -> tuple[Path, Path]:
-    """A random-init student checkpoint and its ONNX (what the depth node runs first)."""
+    """A random-init student checkpoint and its ONNX (what the depth node runs first), as
+    ``live.pt`` beside ``live.onnx``: the distill node finds the checkpoint by that name."""
     from depthkd_core.export.onnx_export import export_onnx
     from depthkd_core.models import ModelConfig, build_model, save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(encoder="mobilenetv2_050", decoder_channels=(16, 16, 16, 16))
     model = build_model(cfg).eval()
-    ckpt = save_checkpoint(tmp_path / "student.pt", model, cfg)
+    ckpt = save_checkpoint(tmp_path / "live.pt", model, cfg)
     assert export_onnx(model, tmp_path / "live.onnx", 64, 64).passed
     return ckpt, tmp_path / "live.onnx"
 
@@ -195,11 +197,12 @@ def distill_process(domain_id: int, ns: str, store: Path, url: str, log: Path, *
     return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def latest_status(cam: Camera, proc: Any, predicate: Callable[[dict], bool], what: str) -> dict:
+def latest_status(cam: Camera, proc: Any, predicate: Callable[[dict], bool], what: str,
+                  timeout: float = 30.0) -> dict:
     def check() -> dict | None:
         assert proc.poll() is None, f"distill_node exited with {proc.returncode}"
         return next((s for s in reversed(cam.status[-5:]) if predicate(s)), None)
-    return wait_until(check, timeout=30.0, what=what)
+    return wait_until(check, timeout=timeout, what=what)
 
 
 # Fixtures for the test modules (imported by name): each module's DOMAIN_ID keeps parallel

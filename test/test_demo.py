@@ -18,7 +18,7 @@ from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
 from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402
-from depthkd_ros.distill_node import PACKAGED_CHECKPOINT, student_checkpoint  # noqa: E402
+from depthkd_core.online.supervisor import checkpoint_for  # noqa: E402
 from helpers import ros_domain  # noqa: E402
 
 DEMO_DOMAIN, BENCH_DOMAIN = ros_domain(52), ros_domain(53)
@@ -36,20 +36,24 @@ def test_packaged_assets_are_small_and_consistent():
     assert frames[0].intrinsics is not None and frames[0].depth is not None
     depth = model.predict(frames[0].rgb)
     assert np.isfinite(depth).all() and 0.1 <= depth.min() and depth.max() <= 10.0
-    # the packaged checkpoint (distill_node's default first-round init) is the ONNX's source
-    assert PACKAGED_CHECKPOINT.stat().st_size <= MAX_ASSET
+    # the packaged checkpoint (what distill_node fine-tunes while the packaged ONNX is live)
+    # is the ONNX's source, found by the X.onnx -> X.pt convention
+    checkpoint = checkpoint_for(PACKAGED_MODEL)
+    assert checkpoint == PACKAGED_MODEL.with_suffix(".pt")
+    assert checkpoint.stat().st_size <= MAX_ASSET
     from depthkd_core.online.gate import checkpoint_predictor
 
-    torch_depth = checkpoint_predictor(PACKAGED_CHECKPOINT, model.input_size)(frames[0].rgb)
+    torch_depth = checkpoint_predictor(checkpoint, model.input_size)(frames[0].rgb)
     assert np.abs(torch_depth - depth).max() <= 1e-3 * depth.max()
 
 
 def test_distill_node_trains_the_packaged_student_by_default(tmp_path):
-    values = {"student_checkpoint": "", "live_model": ""}
-    assert student_checkpoint(values) == str(PACKAGED_CHECKPOINT)
-    # a custom live model: its checkpoint is unknown, so collect and label only
-    assert student_checkpoint({**values, "live_model": "mine.onnx"}) == ""
-    assert student_checkpoint({**values, "student_checkpoint": "~/s.pt"}).endswith("/s.pt")
+    # depth_node's empty model_path is the packaged student, whose checkpoint is beside it
+    from depthkd_ros.depth_node import resolve_model_path
+
+    assert checkpoint_for(resolve_model_path("")) == PACKAGED_MODEL.with_suffix(".pt")
+    # a custom live model without a checkpoint beside it: collect and label only
+    assert checkpoint_for(tmp_path / "mine.onnx") is None
 
 
 def test_demo_end_to_end(tmp_path, capsys):

@@ -3,7 +3,7 @@
 A tiny teacher (depth = 1 + 4 * red, known per pixel) is served by the real
 KServe v2 app; faults: teacher down at start, answering 500s, slow, killed and back,
 garbage; store full; rollback pushes to a fake depth node that records
-set_parameters, and to the real DepthNode. The acceptance test and the node-process
+set_parameters, and to the real DepthNode; what is live is read from the depth node. The acceptance test and the node-process
 tests are in test_distill_node_process.py; the shared harness in distill_harness.py.
 """
 
@@ -42,6 +42,8 @@ from helpers import ros_domain, write_linear_onnx  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
 from depthkd_core.online.keyframes import KeyframeStore, StoreFullError  # noqa: E402
+from depthkd_core.online.registry import ModelRegistry  # noqa: E402
+from depthkd_core.online.rounds import RoundState  # noqa: E402
 from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
 from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
@@ -61,6 +63,14 @@ def test_start_up_validation_names_the_parameter(ros: Ros, tmp_path: Path) -> No
         with pytest.raises(error, match=name):
             dn.DistillNode(context=ros.context, namespace="bad", parameter_overrides=[
                 Parameter(k, value=v) for k, v in params.items()])
+    first = ros.distill("busy", tmp_path / "busy", teacher_url=closed_port_url())
+    with pytest.raises(RuntimeError, match="in use by another distill_node"):  # one per store
+        ros.distill("busy2", tmp_path / "busy", teacher_url=closed_port_url())
+    ros.executor.remove_node(first)
+    first.destroy_node()
+    ros.nodes.remove(first)
+    again = ros.distill("busy", tmp_path / "busy", teacher_url=closed_port_url())  # released
+    assert again.status()["frames_stored"] == 0
 
 
 def test_teacher_labels_keyframes_end_to_end(ros: Ros, teacher_url: str, tmp_path: Path) -> None:
@@ -134,61 +144,71 @@ def test_store_full_is_reported_and_the_node_survives(ros: Ros, tmp_path: Path,
     wait_until(lambda: cam.diag[-1].level != DiagnosticStatus.ERROR, what="error cleared")
 
 
-class FakeRegistry:
-    """Two versions: ``previous`` and a current one; rollback makes previous current."""
-
-    def __init__(self, previous: Path) -> None:
-        self.stack = [previous, previous.with_name("v0002.onnx")]
-
-    def current(self) -> Path | None:
-        return self.stack[-1]
-
-    def previous(self) -> Path | None:
-        return self.stack[-2] if len(self.stack) > 1 else None
-
-    def rollback(self) -> Path:
-        self.stack.pop()
-        return self.stack[-1]
+def _deployed(root: Path, base: Path, versions: list[Path]) -> ModelRegistry:
+    """A store where ``versions`` were deployed in turn over ``base`` (the last is live)."""
+    registry = ModelRegistry(root / "models")
+    for i, model in enumerate(versions):
+        ckpt = root / f"c{i}.pt"
+        ckpt.write_text(str(i))
+        registry.publish(model, ckpt)
+    state = RoundState(root / "state.json")
+    state.base_model, state.on_base = str(base), False
+    state.save()
+    return registry
 
 
-def _install_registry(node: dn.DistillNode, registry: FakeRegistry) -> None:
-    wait_until(lambda: node.registry is not None, what="registry open")
-    with node._registry_lock:  # noqa: SLF001 - test hook
-        node.registry = registry
-
-
-def test_rollback_parameter_pushes_previous_model(ros: Ros, tmp_path: Path) -> None:
-    depth = ros.add(FakeDepthNode(ros.context, "rb"))
-    node = ros.distill("rb", tmp_path, teacher_url=closed_port_url(), service_timeout_s=5.0)
-    _install_registry(node, FakeRegistry(tmp_path / "v0001.onnx"))
+def test_rollback_parameter_pushes_previous_model_then_the_base(ros: Ros, tmp_path: Path) -> None:
+    models = [write_linear_onnx(tmp_path / f"m{i}.onnx", 1.0 + i, 1.0) for i in range(2)]
+    registry = _deployed(tmp_path / "state", tmp_path / "bad.onnx", models)
+    v1, v2 = registry.previous(), registry.current()
+    depth = ros.add(FakeDepthNode(ros.context, "rb", model=v2))
+    node = ros.distill("rb", tmp_path / "state", teacher_url=closed_port_url(),
+                       service_timeout_s=5.0)
+    wait_until(lambda: node.status()["live_model"] == str(v2), what="the live model read")
     assert node.set_parameters([Parameter("rollback", value=True)])[0].successful
     wait_until(lambda: node.get_parameter("rollback").value is False and depth.calls,
                what="rollback push and reset")
-    assert depth.calls == [str(tmp_path / "v0001.onnx")]
-    assert node.counts["rollbacks"] == 1 and node.deployed == str(tmp_path / "v0001.onnx")
+    assert depth.calls == [str(v1)]
+    assert node.counts["rollbacks"] == 1 and node.deployed == str(v1)
     assert node.status()["deployed_version"] == "v0001"
-    _install_registry(node, FakeRegistry(tmp_path / "bad.onnx"))  # depth node refuses it
-    node.set_parameters([Parameter("rollback", value=True)])
+    node.set_parameters([Parameter("rollback", value=True)])  # to the base: it refuses it
     wait_until(lambda: len(depth.calls) == 2 and node.get_parameter("rollback").value is False)
-    assert node.counts["rollbacks"] == 1 and "bad model" in node.last_error
+    assert depth.calls[1] == str(tmp_path / "bad.onnx")
+    wait_until(lambda: "bad model" in node.last_error, what="the depth node's reason")
+    assert node.counts["rollbacks"] == 1 and node.status()["deployed_version"] == "v0001"
 
 
 def test_rollback_hot_swaps_the_real_depth_node(ros: Ros, tmp_path: Path) -> None:
     first = write_linear_onnx(tmp_path / "first.onnx", 4.0, 1.0)
     previous = write_linear_onnx(tmp_path / "previous.onnx", 2.0, 1.0)
+    registry = _deployed(tmp_path / "state", tmp_path / "missing.onnx", [previous, first])
+    v1, v2 = registry.previous(), registry.current()
     depth = ros.add(DepthNode(context=ros.context, namespace="real", parameter_overrides=[
-        Parameter("model_path", value=str(first)), Parameter("model_input_height", value=H),
+        Parameter("model_path", value=str(v2)), Parameter("model_input_height", value=H),
         Parameter("model_input_width", value=W)]))
     node = ros.distill("real", tmp_path / "state", teacher_url=closed_port_url())
-    _install_registry(node, FakeRegistry(previous))
+    wait_until(lambda: node.status()["live_model"] == str(v2), what="the live model read")
     node.set_parameters([Parameter("rollback", value=True)])
-    wait_until(lambda: depth.get_parameter("model_path").value == str(previous),
+    wait_until(lambda: depth.get_parameter("model_path").value == str(v1),
                what="depth node to run the previous model")
-    assert depth._pipeline.model_path == str(previous)  # noqa: SLF001 - swapped, not just set
-    _install_registry(node, FakeRegistry(tmp_path / "missing.onnx"))
-    node.set_parameters([Parameter("rollback", value=True)])
+    assert depth._pipeline.model_path == str(v1)  # noqa: SLF001 - swapped, not just set
+    node.set_parameters([Parameter("rollback", value=True)])  # the base is gone: refused
     wait_until(lambda: "does not exist" in node.last_error, what="depth node's reason")
-    assert depth.get_parameter("model_path").value == str(previous)
+    assert depth.get_parameter("model_path").value == str(v1)
+
+
+def test_a_live_model_without_checkpoint_is_labelled_for_but_not_trained(
+        ros: Ros, teacher_url: str, tmp_path: Path) -> None:
+    mine = write_linear_onnx(tmp_path / "mine.onnx", 4.0, 1.0)  # no mine.pt, no mine.json
+    ros.add(FakeDepthNode(ros.context, "nockpt", model=mine))
+    node = ros.distill("nockpt", tmp_path / "state", teacher_url=teacher_url, model_name="ramp",
+                       token_file=token_file(tmp_path), min_new_keyframes=2)
+    cam = ros.camera("nockpt")
+    cam.stream(node, range(2))
+    status = wait_until(lambda: (s := node.status())["training"] and s, what="the refusal")
+    assert "no checkpoint for the live model" in status["training"] and "mine.pt" in status["training"]
+    assert status["live_model"] == str(mine) and status["rounds_run"] == 0
+    assert not list((tmp_path / "state" / "rounds").glob("round_*"))
 
 
 def test_restart_resumes_the_store(ros: Ros, tmp_path: Path) -> None:

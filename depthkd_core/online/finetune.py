@@ -7,15 +7,23 @@ DPM KL + SSIM, Choi et al.) run unchanged inside the shared ``Trainer``: a
 ``work_dir/round_data.npz`` when it starts, so a resumed round (after a kill) sees the
 same frames in the same order even while the store keeps changing.
 
+With ``--live ONNX`` the process also exports the round's checkpoint to
+``work_dir/candidate.onnx`` (parity checked) and runs the gate (``online.gate``) of that
+ONNX against the live one, so torch never runs in the node, and the gate judges the file
+that would go live, in the runtime that would run it.
+
     python -m depthkd_core.online.finetune --store DIR --init CKPT --work DIR [--config YAML]
+        [--lock FILE] [--live ONNX --margin M --export H W] [--lr-scale S]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +39,13 @@ from depthkd_core.methods import METHODS
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher, load_checkpoint
 from depthkd_core.online.keyframes import KeyframeStore
+from depthkd_core.online.rounds import LOCKED_EXIT, LockBusyError, hold_lock
 from depthkd_core.train.config import DataConfig, OptimConfig
 from depthkd_core.train.trainer import Trainer, checkpoints, seed_everything
 
 SNAPSHOT = "round_data.npz"
 DONE = "round.json"
+CANDIDATE = "candidate.onnx"
 
 
 @dataclass
@@ -204,19 +214,83 @@ def run_round(store_root: str | Path, init_checkpoint: str | Path, work_dir: str
     return result
 
 
+def export_candidate(checkpoint: str | Path, path: Path, height: int, width: int) -> str:
+    """Export ``checkpoint`` to ``path`` (atomically); "" on success, else why it failed.
+
+    A model that fixes its own run size (``ModelConfig.input_size``, e.g. a fastdepth
+    student) is exported at that size: any other would put a resize into the graph."""
+    from depthkd_core.export.onnx_export import export_onnx
+
+    if path.is_file():  # a resumed round exported already
+        return ""
+    model, model_cfg, _ = load_checkpoint(checkpoint)
+    height, width = model_cfg.input_size or (height, width)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        report = export_onnx(model, tmp, height, width)
+        if not report.passed:
+            return f"ONNX parity failed ({report.summary()})"
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure means no candidate
+        return f"ONNX export failed: {exc}"
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ""
+
+
+def judge(store_root: Path, result: RoundResult, work_dir: Path, live: Path, margin: float,
+          size: tuple[int, int]) -> dict[str, Any]:
+    """Export the round's checkpoint and gate it against ``live``: the result line's gate part."""
+    from depthkd_core.online.gate import gate
+
+    candidate = work_dir / CANDIDATE
+    failure = export_candidate(result.checkpoint, candidate, *size)
+    if failure:
+        return {"onnx": None, "gate": {"deploy": False, "live_abs_rel": None,
+                                       "candidate_abs_rel": None, "margin": margin,
+                                       "reason": f"candidate refused: {failure}"}}
+    decision = asdict(gate(candidate, live, KeyframeStore(store_root, writer=False), margin))
+    for key in ("live_abs_rel", "candidate_abs_rel"):  # JSON has no NaN or inf: null
+        decision[key] = decision[key] if np.isfinite(decision[key]) else None
+    return {"onnx": str(candidate), "gate": decision}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one round in this process and print its RoundResult as JSON."""
+    """Run one round in this process and print its RoundResult (and gate) as JSON."""
     parser = argparse.ArgumentParser(prog="python -m depthkd_core.online.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="keyframe store root")
     parser.add_argument("--init", required=True, help="student checkpoint to start from")
     parser.add_argument("--work", required=True, help="this round's folder (resumed if it has checkpoints)")
     parser.add_argument("--config", default=None, help="YAML with FinetuneConfig fields")
+    parser.add_argument("--lock", default=None, help="trainer lock file: exit 75 when another "
+                        "trainer holds it")
+    parser.add_argument("--live", default=None, help="live ONNX: export and gate the result")
+    parser.add_argument("--margin", type=float, default=None, help="gate margin (default: config's)")
+    parser.add_argument("--export", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="ONNX export size (default: config's height and width)")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiplies the config's learning rate (the supervisor lowers it "
+                        "after refused rounds)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps_per_round=20")
     args = parser.parse_args(argv)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if not 0.0 < args.lr_scale <= 1.0:
+        parser.error(f"--lr-scale must be in (0, 1], got {args.lr_scale}")
+    cfg = replace(cfg, lr=cfg.lr * args.lr_scale)
+    if args.lock:
+        try:
+            lock = hold_lock(Path(args.lock))  # noqa: F841 - held until this process ends
+        except LockBusyError as exc:
+            print(f"not started: {exc}", file=sys.stderr)
+            return LOCKED_EXIT
     result = run_round(args.store, args.init, args.work, cfg)
-    print(json.dumps({**asdict(result), "checkpoint": str(result.checkpoint)}))
+    line: dict[str, Any] = {**asdict(result), "checkpoint": str(result.checkpoint)}
+    if args.live:
+        margin = cfg.margin if args.margin is None else args.margin
+        line.update(judge(Path(args.store), result, Path(args.work), Path(args.live), margin,
+                          tuple(args.export or (cfg.height, cfg.width))))
+    print(json.dumps(line))
     return 0
 
 

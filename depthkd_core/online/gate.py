@@ -1,9 +1,11 @@
-"""Validation gate and the versioned model registry the live depth node reads.
+"""The validation gate: does a candidate ONNX beat the live one on held-out keyframes?
 
-The gate scores a candidate checkpoint (torch) and the live ONNX model (onnxruntime) by
-AbsRel against the stored teacher depth on held-out keyframes, and deploys only when
-``candidate_abs_rel < live_abs_rel - margin`` (margin absolute, in AbsRel units).
-The versions it deploys are kept by ``online.registry.ModelRegistry`` (docs/online.md).
+Both models run in onnxruntime (no torch: the gate can run in any process) on the
+store's held-out keyframes, real frames the camera sent and the student never trained
+on, and are scored by AbsRel against the stored teacher depth. Deploy only when
+``candidate_abs_rel < live_abs_rel - margin`` (margin absolute, in AbsRel units) and the
+candidate's depth is finite on every held-out keyframe.
+``checkpoint_predictor`` (torch, imported late) scores a checkpoint the same way.
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from depthkd_core.evaluate.metrics import compute_depth_metrics
 from depthkd_core.runtime import OnnxDepthModel
-from depthkd_core.models import load_checkpoint
 from depthkd_core.online.keyframes import KeyframeStore
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
+class NonFiniteOutputError(ValueError):
+    """The model's depth has NaN or inf pixels on a keyframe."""
+
+
 def evaluate_against_teacher(model_predict: Predict, store: KeyframeStore, keys: list[str]) -> float:
     """Mean per-frame AbsRel of ``model_predict(rgb)`` against the stored teacher output.
+
+    NonFiniteOutputError names the first keyframe where the prediction is not finite.
 
     The prediction is resized to the teacher map. Metric teacher: plain AbsRel.
     Relative depth teacher: the prediction is median-scaled to it first. Inverse-depth
@@ -38,6 +44,9 @@ def evaluate_against_teacher(model_predict: Predict, store: KeyframeStore, keys:
         if reference is None or info is None:
             continue
         pred = np.asarray(model_predict(store.load(key).rgb), np.float32)
+        if not np.isfinite(pred).all():
+            raise NonFiniteOutputError(f"non-finite depth on held-out keyframe {key} "
+                                       f"({int((~np.isfinite(pred)).sum())} of {pred.size} pixels)")
         pred = cv2.resize(pred, (reference.shape[1], reference.shape[0]), interpolation=cv2.INTER_LINEAR)
         alignment = "none" if info["is_metric"] else ("lsq" if info["is_inverse"] else "median")
         if info["is_inverse"]:
@@ -52,6 +61,10 @@ def evaluate_against_teacher(model_predict: Predict, store: KeyframeStore, keys:
 
 def checkpoint_predictor(path: str | Path, size: tuple[int, int] | None = None) -> Predict:
     """rgb -> depth of a depthkd checkpoint at ``size`` (H, W), else the image size rounded to 32."""
+    import torch
+
+    from depthkd_core.models import load_checkpoint
+
     model, _, _ = load_checkpoint(path)
     model.eval()
 
@@ -74,21 +87,33 @@ class GateDecision:
     reason: str
 
 
-def gate(candidate_ckpt: str | Path, live_onnx: str | Path, store: KeyframeStore,
+def gate(candidate_onnx: str | Path, live_onnx: str | Path, store: KeyframeStore,
          margin: float) -> GateDecision:
-    """Deploy iff candidate AbsRel < live AbsRel - margin on the store's holdout keys.
+    """Deploy iff the candidate's AbsRel < the live model's - margin on the held-out keys.
 
-    The candidate runs at the live model's input size when that is fixed, so both see
-    the same pixels.
+    Refused with a reason: no held-out keyframe with teacher depth yet, or a candidate
+    whose depth is not finite there. A live model that is not finite there scores inf.
     """
     if margin < 0:
         raise ValueError(f"gate margin must be >= 0, got {margin}")
-    keys = store.holdout_keys()
-    live = OnnxDepthModel(live_onnx, providers="cpu")
-    live_score = evaluate_against_teacher(live.predict, store, keys)
-    cand_score = evaluate_against_teacher(checkpoint_predictor(candidate_ckpt, live.input_size), store, keys)
+    keys = [k for k in store.holdout_keys() if store.teacher_info(k) is not None]
+    if not keys:
+        return GateDecision(False, float("nan"), float("nan"), margin,
+                            "refused: no held-out keyframe with teacher depth yet")
+    try:
+        live_score = evaluate_against_teacher(_predictor(live_onnx), store, keys)
+    except NonFiniteOutputError:
+        live_score = float("inf")
+    try:
+        cand_score = evaluate_against_teacher(_predictor(candidate_onnx), store, keys)
+    except NonFiniteOutputError as exc:
+        return GateDecision(False, live_score, float("nan"), margin, f"refused: candidate gives {exc}")
     deploy = cand_score < live_score - margin
     verdict = "better" if deploy else "not better"
     reason = (f"candidate AbsRel {cand_score:.4f} vs live {live_score:.4f} on {len(keys)} holdout "
               f"keys: {verdict} by the margin {margin:g}")
     return GateDecision(deploy, live_score, cand_score, margin, reason)
+
+
+def _predictor(path: str | Path) -> Predict:
+    return OnnxDepthModel(path, providers="cpu", intra_op_num_threads=1).predict

@@ -1,9 +1,9 @@
 """The versioned model registry the live depth node reads (docs/online.md).
 
-``ModelRegistry`` exports a checkpoint to ONNX, requires parity, publishes ``vNNNN.onnx``
-atomically and keeps the earlier versions for ``rollback``. Importing it never imports
-torch (only ``deploy`` does): distill_node's supervisor holds one from start-up, and a
-torch import in flight there made the node miss launch's 5 s Ctrl-C deadline.
+``ModelRegistry`` publishes a gated candidate as ``vNNNN.onnx`` with its checkpoint beside
+it as ``vNNNN.pt`` (the ``X.onnx`` -> ``X.pt`` convention that tells the next round where
+to start) and keeps the earlier versions for ``rollback``. No torch: the export and its
+parity check happen in the fine-tuning process (``online.finetune``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from typing import Any
 from depthkd_core.atomic import atomic_open
 
 STATE = "current.json"
-
-
-class DeployError(RuntimeError):
-    """Export or parity failed: nothing was published."""
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -65,36 +61,38 @@ class ModelRegistry:
         stack = self.state()["stack"]
         return int(stack[-1]["version"]) if stack else None
 
-    def deploy(self, candidate_ckpt: str | Path, height: int, width: int) -> Path:
-        """Export the checkpoint, require parity, publish it as the next version; DeployError if not.
+    def versions(self) -> list[int]:
+        """The stack's version numbers, oldest first (the last is current)."""
+        return [int(entry["version"]) for entry in self.state()["stack"]]
 
-        A model that fixes its own run size (``ModelConfig.input_size``, e.g. a fastdepth
-        student) is exported at that size, not at ``height`` x ``width``: any other size
-        would put a resize into the graph."""
-        from depthkd_core.export.onnx_export import export_onnx  # torch: only to deploy
-        from depthkd_core.models import load_checkpoint
+    def find(self, source: str | Path) -> Path | None:
+        """The version published from the checkpoint ``source`` still on the stack, if any."""
+        entry = next((e for e in self.state()["stack"] if e["source"] == str(source)), None)
+        return self.dir / entry["file"] if entry else None
 
-        model, model_cfg, _ = load_checkpoint(candidate_ckpt)
-        height, width = model_cfg.input_size or (height, width)
+    def publish(self, onnx: str | Path, checkpoint: str | Path) -> Path:
+        """Copy the candidate ``onnx`` (and its ``checkpoint``) in as the next version.
+
+        Both are copied through ``.staging/`` and renamed into place, the ONNX last, then
+        ``current.json`` is replaced: a crash at any point leaves the previous state plus at
+        most a stray file in ``.staging/`` (removed at the next open). Publishing the same
+        ``checkpoint`` again returns its version (a restart after the publish)."""
+        done = self.find(checkpoint)
+        if done is not None:
+            return done
         state = self.state()
         version = int(state["next"])
         name = f"v{version:04d}.onnx"
         staging = self.dir / ".staging"
         staging.mkdir(exist_ok=True)
         try:
-            report = export_onnx(model, staging / name, height, width)
-            if not report.passed:
-                raise DeployError(f"{candidate_ckpt}: ONNX parity failed ({report.summary()})")
-            with open(staging / name, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(staging / name, self.dir / name)
-        except DeployError:
-            raise
-        except Exception as exc:  # any exporter failure means no deploy
-            raise DeployError(f"{candidate_ckpt}: ONNX export failed: {exc}") from exc
+            for src, dst in ((checkpoint, Path(name).with_suffix(".pt")), (onnx, Path(name))):
+                with atomic_open(staging / dst, "wb") as out, open(src, "rb") as inp:
+                    shutil.copyfileobj(inp, out)
+                os.replace(staging / dst, self.dir / dst)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        entry = {"version": version, "file": name, "source": str(candidate_ckpt), "time": time.time()}
+        entry = {"version": version, "file": name, "source": str(checkpoint), "time": time.time()}
         self._publish({"stack": [*state["stack"], entry], "next": version + 1})
         return self.dir / name
 
@@ -110,7 +108,7 @@ class ModelRegistry:
         """Write current.json atomically, then delete version files the stack no longer holds."""
         state = {**state, "stack": state["stack"][-self.keep:]}
         _write_json_atomic(self.dir / STATE, state)
-        kept = {entry["file"] for entry in state["stack"]}
-        for path in self.dir.glob("v*.onnx"):
-            if path.name not in kept:
+        kept = {Path(entry["file"]).stem for entry in state["stack"]}
+        for path in [*self.dir.glob("v*.onnx"), *self.dir.glob("v*.pt")]:
+            if path.stem not in kept:
                 path.unlink(missing_ok=True)

@@ -51,7 +51,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def weak_student(work: Path, size: tuple[int, int]) -> tuple[Path, Path]:
-    """A random-init student (checkpoint + ONNX): the model a new domain finds unprepared."""
+    """A random-init student (``live.pt`` beside ``live.onnx``, so the distill node finds the
+    checkpoint of what the depth node runs): the model a new domain finds unprepared."""
     import torch
 
     from depthkd_core.export.onnx_export import export_onnx
@@ -60,7 +61,7 @@ def weak_student(work: Path, size: tuple[int, int]) -> tuple[Path, Path]:
     torch.manual_seed(0)
     cfg = ModelConfig(encoder="mobilenetv2_050", decoder_channels=(16, 16, 16, 16))
     model = build_model(cfg).eval()
-    ckpt = save_checkpoint(work / "student.pt", model, cfg)
+    ckpt = save_checkpoint(work / "live.pt", model, cfg)
     if not export_onnx(model, work / "live.onnx", *size).passed:
         raise RuntimeError("the starting student failed ONNX parity")
     return ckpt, work / "live.onnx"
@@ -121,13 +122,12 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from depthkd_core.serving.server import BackgroundServer, create_app
     from depthkd_ros import distill_node as dn
 
-    frames, K, ckpt, live = _prepare(args, work)
+    frames, K, _, live = _prepare(args, work)
     teacher = load_teacher(args.teacher, is_metric=True)
     domain = args.domain_id if args.domain_id is not None else default_domain_id()
     store_dir, rtt, rounds = work / "state", [], []
     params = {"store_dir": str(store_dir), "min_interval_s": args.min_interval,
               "novelty_threshold": args.novelty,
-              "student_checkpoint": str(ckpt), "live_model": str(live),
               "finetune_config": str(work / "round.yaml"), "min_new_keyframes": args.min_new,
               "gate_margin": args.margin, "export_height": args.size[0],
               "export_width": args.size[1]}
@@ -139,7 +139,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             node = dn.DistillNode(context=session.context, parameter_overrides=[
                 Parameter(k, value=v) for k, v in {**params, "teacher_url": url}.items()])
             node.client.infer = _timed(node.client.infer, rtt)
-            node._run_finetune = _timed(node._run_finetune, rounds)  # measured where the node calls it
+            node.supervisor.runner = _timed(node.supervisor.runner, rounds)  # where the node calls it
             session.executor.add_node(node)
             start = time.monotonic()
             sent = session.play([f.rgb for f in frames], K, args.rate, duration_s=args.minutes * 60)
@@ -150,9 +150,23 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 node.destroy_node()
             session.close()
     status = node.status()  # after the threads stopped: counts and registry agree
-    final = node.registry.current() if node.registry and not node.state.on_base else None
+    supervisor = node.supervisor
+    final = None if supervisor.state.on_base else supervisor.registry.current()
     abs_rel = holdout_abs_rel(store_dir, {"before": live, "after": final or live})
-    return _summary(args, status, len(sent), elapsed, rtt, rounds, abs_rel)
+    return {**_summary(args, status, len(sent), elapsed, rtt, rounds, abs_rel),
+            "per_round": _per_round(store_dir, rounds)}
+
+
+def _per_round(store_dir: Path, rounds: list[tuple[float, Any]]) -> list[dict[str, Any]]:
+    """Each finished round: its gate (on the held-out keyframes of that time) and its
+    candidate's AbsRel on the final held-out keyframes (one yardstick for every round)."""
+    done = [r for _, r in rounds if r is not None]
+    final = holdout_abs_rel(store_dir, {str(i): Path(r["onnx"]) for i, r in enumerate(done)
+                                        if r.get("onnx")})
+    return [{"round": i + 1, "seconds": round(s, 1), "steps": r["steps"],
+             "gate_live": r["gate"]["live_abs_rel"], "gate_candidate": r["gate"]["candidate_abs_rel"],
+             "deploy": r["gate"]["deploy"], "final_holdout": final.get(str(i))}
+            for i, (s, r) in enumerate((s, r) for s, r in rounds if r is not None)]
 
 
 def _summary(args: argparse.Namespace, status: dict[str, Any], sent: int, elapsed: float,
@@ -196,5 +210,10 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"  deploys: {r['deploys']} (live version {r['deployed_version']})")
     print(f"  student-teacher AbsRel on held-out keyframes: before {_fmt(r['holdout_abs_rel_before'])}"
           f", after {_fmt(r['holdout_abs_rel_after'])}")
+    for row in r["per_round"]:
+        print(f"  round {row['round']:2d}: {row['seconds']:5.1f} s, gate candidate "
+              f"{_fmt(row['gate_candidate'])} vs live {_fmt(row['gate_live'])}"
+              f"{' DEPLOYED' if row['deploy'] else ''}; on the final held-out keyframes "
+              f"{_fmt(row['final_holdout'])}")
     print(f"  report: {args.out}")
     return 0
