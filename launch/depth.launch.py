@@ -74,8 +74,9 @@ def _nodes(context: object) -> list:
                     output="screen")
                for ns in namespaces]
     if value("distill").lower() in ("true", "1", "yes"):
-        # Once a round ran, distill_node holds torch: its exit on Ctrl-C (threads joined, torch
-        # torn down) can take longer than launch's default 5 s before SIGTERM.
+        # On Ctrl-C distill_node stops a running round's trainer (its process group) and joins
+        # its threads, each within shutdown_timeout_s: more than launch's default 5 s before
+        # SIGTERM when several are busy.
         actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
                          namespace=ns, remappings=remappings, output="screen",
                          sigterm_timeout=DISTILL_SIGTERM_TIMEOUT_S,
