@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from depthkd_core.models.teachers import load_teacher
-    from depthkd_core.serving.server import create_app, uvicorn_config
+    from depthkd_core.serving.server import create_app
+    from depthkd_core.serving.transport import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _release_large_buffers()

@@ -30,7 +30,8 @@ from std_msgs.msg import String
 
 from depthkd_core.geometry import Intrinsics
 from depthkd_core.models.teacher_base import Teacher
-from depthkd_core.serving.server import BackgroundServer, create_app
+from depthkd_core.serving.server import create_app
+from depthkd_core.serving.transport import BackgroundServer
 from depthkd_ros import distill_node as dn
 from depthkd_ros.conversions import rgb_to_image
 

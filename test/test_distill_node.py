@@ -44,7 +44,8 @@ from rclpy.parameter import Parameter  # noqa: E402
 from depthkd_core.online.keyframes import KeyframeStore, StoreFullError  # noqa: E402
 from depthkd_core.online.registry import ModelRegistry  # noqa: E402
 from depthkd_core.online.rounds import RoundState  # noqa: E402
-from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
+from depthkd_core.serving.server import create_app  # noqa: E402
+from depthkd_core.serving.transport import BackgroundServer  # noqa: E402
 from depthkd_ros import distill_node as dn  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 

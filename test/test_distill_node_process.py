@@ -44,7 +44,8 @@ from depthkd_core.models.teacher_base import Teacher  # noqa: E402
 import helpers  # noqa: E402
 from helpers import ros_domain  # noqa: E402
 from depthkd_core.online.keyframes import KeyframeStore  # noqa: E402
-from depthkd_core.serving.server import BackgroundServer, create_app  # noqa: E402
+from depthkd_core.serving.server import create_app  # noqa: E402
+from depthkd_core.serving.transport import BackgroundServer  # noqa: E402
 from depthkd_ros.conversions import rgb_to_image  # noqa: E402
 from depthkd_ros.depth_node import DepthNode  # noqa: E402
 

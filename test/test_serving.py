@@ -31,7 +31,9 @@ from depthkd_core.serving.client import (CircuitBreaker, TeacherBusy, TeacherCli
                                          TeacherRequestError, TeacherUnavailable)
 from depthkd_core.serving.protocol import (HEADER_LENGTH, PayloadTooLarge, TensorLimits,
                                            decode_message, encode_message)
-from depthkd_core.serving.server import BackgroundServer, Batcher, ServerLimits, create_app
+from depthkd_core.serving.batcher import Batcher
+from depthkd_core.serving.server import ServerLimits, create_app
+from depthkd_core.serving.transport import BackgroundServer
 from depthkd_ros import teacher_server
 
 REPO = Path(__file__).resolve().parents[1]

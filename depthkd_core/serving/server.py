@@ -17,11 +17,9 @@ import asyncio
 import hmac
 import logging
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import numpy as np
@@ -29,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from .batcher import Batcher, Slots
 from .protocol import (BINARY_CONTENT_TYPE, HEADER_LENGTH, JSON_CONTENT_TYPE, PayloadTooLarge,
                        RequestOptions, TensorLimits, decode_message, encode_message, request_options)
 
@@ -98,113 +97,6 @@ def bearer_matches(authorization: str, token: str) -> bool:
     scheme, _, credentials = authorization.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(),
                                                               token.encode())
-
-
-class Slots:
-    """At most ``size`` holders at once; ``take`` never waits (the caller refuses instead).
-    Used from the event loop only, so a plain counter."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.busy = size, 0
-
-    def take(self) -> bool:
-        if self.busy >= self.size:
-            return False
-        self.busy += 1
-        return True
-
-    def give(self) -> None:
-        self.busy -= 1
-
-
-@dataclass
-class _Job:
-    images: np.ndarray
-    future: asyncio.Future
-    queued: float = field(default_factory=time.perf_counter)
-
-
-class Batcher:
-    """Collects queued requests for up to ``max_wait_ms`` (or ``max_batch`` images) and runs
-    each same-size group as one teacher call. ``calls`` counts teacher calls."""
-
-    def __init__(self, teacher: Teacher, max_batch: int = 8, max_wait_ms: float = 5.0) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
-        self.teacher, self.max_batch, self.max_wait = teacher, max_batch, max_wait_ms / 1000.0
-        self.calls = 0
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task | None = None
-        self._held: _Job | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """(B,3,H,W) float32 -> depth (B,1,H,W) float32, batched with concurrent calls."""
-        if not self.running:
-            raise RuntimeError("batcher is not running")
-        job = _Job(images, asyncio.get_running_loop().create_future())
-        await self._queue.put(job)
-        return await job.future
-
-    async def _collect(self) -> list[_Job]:
-        jobs = [self._held or await self._queue.get()]
-        self._held, count = None, len(jobs[0].images)
-        deadline = time.monotonic() + self.max_wait
-        while count < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
-            try:
-                job = await asyncio.wait_for(self._queue.get(), remaining)
-            except asyncio.TimeoutError:
-                break
-            if count + len(job.images) > self.max_batch:
-                self._held = job  # would overflow the batch: first in the next one
-                break
-            jobs.append(job)
-            count += len(job.images)
-        return jobs
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            groups: dict[tuple[int, int], list[_Job]] = {}
-            for job in await self._collect():
-                if not job.future.done():  # its request was abandoned (and gave its slot back)
-                    groups.setdefault(job.images.shape[2:], []).append(job)
-            for jobs in groups.values():
-                batch = jobs[0].images if len(jobs) == 1 else np.concatenate([job.images for job in jobs])
-                try:
-                    depth = await loop.run_in_executor(self._executor, self._predict, batch)
-                except Exception as exc:  # handed to each waiting request, never kills the worker
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                start = 0
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_result(depth[start:start + len(job.images)])
-                    start += len(job.images)
-
-    def _predict(self, batch: np.ndarray) -> np.ndarray:
-        import torch  # here, not at import: the program checks its arguments before loading torch
-
-        self.calls += 1
-        with torch.no_grad():
-            depth = self.teacher(torch.from_numpy(batch))
-        return depth.detach().to("cpu", torch.float32).numpy()
 
 
 def _error(status: int, reason: str, close: bool = False, **headers: str) -> JSONResponse:
@@ -383,110 +275,3 @@ def _respond(options: RequestOptions, model_name: str, depth: np.ndarray, start:
     if length is None:
         return Response(body, media_type=JSON_CONTENT_TYPE)
     return Response(body, media_type=BINARY_CONTENT_TYPE, headers={HEADER_LENGTH: str(length)})
-
-
-def uvicorn_config(app: Any, **options: Any) -> Any:
-    """``uvicorn.Config`` for ``app`` with its ``app.state.server_limits`` (defaults for an
-    app without) on the connections: h11, whose header size limit uvicorn honours, plus
-    the header and reply timeouts uvicorn lacks, keep-alive and connection limits.
-    ``options`` are further ``uvicorn.Config`` arguments (host, port, ssl_*...)."""
-    import uvicorn
-
-    limits = getattr(app.state, "server_limits", DEFAULT_SERVER)
-    return uvicorn.Config(app, http=_timed_protocol(limits), lifespan="on",
-                          timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
-                          h11_max_incomplete_event_size=limits.max_header_bytes, **options)
-
-
-def _timed_protocol(limits: ServerLimits) -> type:
-    """uvicorn's h11 protocol with two timeouts it lacks (it times only idle keep-alive
-    connections): a client sending nothing, or a header a byte at a time, or reading
-    nothing of its reply, held its connection, a connection slot, and its reply buffer,
-    forever.
-
-    - headers: the request line and headers must be complete ``header_timeout_s`` after
-      the connection opened, or after its first byte following a reply; else closed.
-    - reply: if the send buffer, once full (asyncio paused writing), has not drained
-      within ``reply_timeout_s``, the connection is aborted, dropping what was buffered."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class TimedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _reply_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
-
-        def data_received(self, data: bytes) -> None:
-            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
-                self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
-            cycle = self.cycle
-            super().data_received(data)
-            if self.cycle is not cycle:  # h11 parsed a request line and headers
-                self._header_timer = _cancel(self._header_timer)
-
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._reply_timer is None:
-                self._reply_timer = self.loop.call_later(limits.reply_timeout_s, self._reply_stalled)
-
-        def resume_writing(self) -> None:
-            self._reply_timer = _cancel(self._reply_timer)
-            super().resume_writing()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._header_timer = _cancel(self._header_timer)
-            self._reply_timer = _cancel(self._reply_timer)
-            super().connection_lost(exc)
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                LOG.info("closing %s: no complete request headers within %g s", self.client,
-                         limits.header_timeout_s)
-                self.transport.close()
-
-        def _reply_stalled(self) -> None:
-            self._reply_timer = None
-            LOG.info("aborting %s: its reply not drained within %g s", self.client, limits.reply_timeout_s)
-            self.transport.abort()  # close() would wait for the buffer to drain
-
-    return TimedH11Protocol
-
-
-def _cancel(timer: asyncio.TimerHandle | None) -> None:
-    if timer is not None:
-        timer.cancel()
-
-
-class BackgroundServer:
-    """uvicorn serving ``app`` in a daemon thread (tests, the distill end-to-end run).
-
-    ``with BackgroundServer(app) as url:`` binds 127.0.0.1 on an ephemeral port, with the
-    bounds of :func:`uvicorn_config`; ``options`` go to ``uvicorn.Config`` (e.g.
-    ssl_keyfile/ssl_certfile for https)."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0,
-                 startup_timeout_s: float = 20.0, **options: Any) -> None:
-        import uvicorn
-
-        config = uvicorn_config(app, host=host, port=port, log_level="warning", **options)
-        self.server = uvicorn.Server(config)
-        self.host, self.timeout = host, startup_timeout_s
-        self.scheme = "https" if options.get("ssl_certfile") else "http"
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + self.timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"{self.scheme}://{self.host}:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=self.timeout)

@@ -119,7 +119,8 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from rclpy.parameter import Parameter
 
     from depthkd_core.models.teachers import load_teacher
-    from depthkd_core.serving.server import BackgroundServer, create_app
+    from depthkd_core.serving.server import create_app
+    from depthkd_core.serving.transport import BackgroundServer
     from depthkd_ros import distill_node as dn
 
     frames, K, _, live = _prepare(args, work)
