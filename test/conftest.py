@@ -16,6 +16,10 @@ from helpers import require_shared
 # processes some tests start) on a small machine. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The distill-node harness's fixtures (ros, teacher_url) for the modules that use them; a
+# broken import there fails the run instead of skipping those modules.
+pytest_plugins = ["distill_harness"]
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("needs_shared") is not None:

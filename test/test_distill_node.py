@@ -16,13 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-# the harness imports rclpy, the message packages and the teacher server (fastapi, uvicorn)
-pytest.importorskip("distill_harness")
 pytestmark = pytest.mark.ros
 
 import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
-from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
+from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest's pytest_plugins)
     TOKEN,
     BrokenTeacher,
     Camera,
@@ -33,8 +31,6 @@ from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
     W,
     closed_port_url,
     frame,
-    ros,
-    teacher_url,
     token_file,
     wait_until,
 )

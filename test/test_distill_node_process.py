@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# the harness imports rclpy, the message packages and the teacher server (fastapi, uvicorn)
-pytest.importorskip("distill_harness")
 pytestmark = pytest.mark.ros
 
 import torch  # noqa: E402
-from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
+from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest's pytest_plugins)
     QOS,
     TOKEN,
     Camera,
@@ -31,8 +29,6 @@ from distill_harness import (  # noqa: E402, F401 - ros, teacher_url: fixtures
     distill_process,
     frame,
     latest_status,
-    ros,
-    teacher_url,
     token_file,
     wait_until,
     weak_student,
