@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
 from rcl_interfaces.srv import GetParameters, SetParameters
@@ -45,6 +45,7 @@ from depthkd_ros.conversions import (
     image_to_rgb,
 )
 from depthkd_ros.depth_node import resolve_model_path
+from depthkd_ros.node_base import NewestFrameWorker, diagnostics
 from depthkd_ros.node_params import (
     RELIABILITY,
     WARN_THROTTLE_SEC,
@@ -178,9 +179,10 @@ class DistillNode(SetupNode):
         self.deployed = ""
         self._lock = threading.Lock()  # pending frame, camera_info
         self._store_lock = threading.Lock()  # the writer store is shared by two threads
-        self._pending: Image | CompressedImage | None = None
         self._info: CameraInfo | None = None
-        self._wake, self._stop = threading.Event(), threading.Event()
+        self._stop = threading.Event()
+        self._frames: NewestFrameWorker[Image | CompressedImage] = NewestFrameWorker(
+            self._collect, "distill_collect")
         self._make_topics(v)
         self._get_client = self.create_client(GetParameters, f"{v['depth_node']}/get_parameters")
         self._push_client = self.create_client(SetParameters,
@@ -188,7 +190,8 @@ class DistillNode(SetupNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(v["status_period"], self._publish_status)
         self._threads = [threading.Thread(target=t, name=f"distill_{t.__name__}", daemon=True)
-                         for t in (self._collect_loop, self._teacher_loop, self._supervise_loop)]
+                         for t in (self._teacher_loop, self._supervise_loop)]
+        self._frames.start()
         for thread in self._threads:
             thread.start()
 
@@ -211,26 +214,16 @@ class DistillNode(SetupNode):
 
     # -- camera: newest frame only, selection and storage off the executor -----------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
-        with self._lock:
-            self._pending = msg
+        self._frames.put(msg)
         self._count("received")
-        self._wake.set()
 
     def _on_info(self, msg: CameraInfo) -> None:
         with self._lock:
             self._info = msg
 
-    def _collect_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self._wake.wait(0.1):
-                continue
-            with self._lock:
-                msg, self._pending, info = self._pending, None, self._info
-                self._wake.clear()
-            if msg is not None:
-                self._collect(msg, info)
-
-    def _collect(self, msg: Image | CompressedImage, info: CameraInfo | None) -> None:
+    def _collect(self, msg: Image | CompressedImage) -> None:
+        with self._lock:
+            info = self._info
         try:
             if info is None:
                 raise ValueError("no camera_info received yet")
@@ -370,18 +363,13 @@ class DistillNode(SetupNode):
             level, message = DiagnosticStatus.WARN, "teacher unavailable"
         if status["store_error"]:
             level, message = DiagnosticStatus.ERROR, f"store full: {status['store_error']}"
-        diag = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: distill",
-                                message=message, hardware_id=self.values["teacher_url"],
-                                values=[KeyValue(key=k, value=json.dumps(v) if isinstance(v, dict)
-                                                 else str(v)) for k, v in status.items()])
-        array = DiagnosticArray(status=[diag])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        self._diagnostics.publish(diagnostics(self, "distill", level, message,
+                                              self.values["teacher_url"], status))
 
     def destroy_node(self) -> None:
         if hasattr(self, "_threads"):
             self._stop.set()  # the supervisor kills a running trainer within 0.1 s
-            self._wake.set()
+            self._frames.stop(self.values["shutdown_timeout_s"])
             for thread in self._threads:
                 thread.join(timeout=self.values["shutdown_timeout_s"])
             self.client.close()
