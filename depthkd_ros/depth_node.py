@@ -18,7 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import InvalidHandle
 from rclpy.parameter import Parameter
@@ -47,6 +47,7 @@ from depthkd_ros.conversions import (
     rgb_to_image,
     stamp_ns,
 )
+from depthkd_ros.node_base import NewestFrameWorker, diagnostics
 from depthkd_ros.node_params import (
     AUTO_QOS_PERIOD_SEC,
     INPUT_RELIABILITY,
@@ -264,7 +265,6 @@ class DepthNode(SetupNode):
                                f"{self._pipeline.estimator.model.provider}")
         self.stats = FrameStats()
         self._lock = threading.Lock()
-        self._pending: Image | CompressedImage | None = None
         # The last decoded frames (references, not copies): what a hot-swap is judged on.
         self._recent: deque[np.ndarray] = deque(maxlen=values["swap_check_frames"])
         self._infos: RecentByStamp[CameraInfo] = RecentByStamp()
@@ -273,8 +273,9 @@ class DepthNode(SetupNode):
         self._info_tolerance_ns = int(values["camera_info_tolerance"] * 1e9)
         self._max_pixels = values["max_decoded_pixels"]
         self._sparse: Image | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set while the node is destroyed
+        self._frames: NewestFrameWorker[Image | CompressedImage] = NewestFrameWorker(
+            self._process_newest, "depth_node_worker")
         self._make_topics(values)
         self._candidate: tuple[Pipeline, bool] | None = None
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -283,8 +284,7 @@ class DepthNode(SetupNode):
         if not self._commit_on_set:
             self.add_post_set_parameters_callback(self._on_parameters_set)
         self.create_timer(values["diagnostics_period"], self._publish_diagnostics)
-        self._worker = threading.Thread(target=self._run, name="depth_node_worker", daemon=True)
-        self._worker.start()
+        self._frames.start()
 
     def parameter_values(self) -> dict[str, Any]:
         """Current value of every declared parameter, by name."""
@@ -330,13 +330,10 @@ class DepthNode(SetupNode):
 
     # -- callbacks: store the newest message only ------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
-        with self._lock:
-            replaced = self._pending is not None
-            self._pending = msg
+        replaced = self._frames.put(msg)
         self.stats.add("received")
         if replaced:
             self.stats.add("dropped")
-        self._wake.set()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         with self._lock:
@@ -383,16 +380,10 @@ class DepthNode(SetupNode):
             self.get_logger().info(f"hot-swapped the model: now {pipeline.model_path}")
 
     # -- worker ------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._wake.wait(0.1):
-                continue
-            with self._lock:
-                msg, self._pending = self._pending, None
-                sparse = self._sparse
-                self._wake.clear()
-            if msg is not None:
-                self._process(msg, sparse)
+    def _process_newest(self, msg: Image | CompressedImage) -> None:
+        with self._lock:
+            sparse = self._sparse
+        self._process(msg, sparse)
 
     def _paired_info(self, msg: Image | CompressedImage) -> CameraInfo:
         """This frame's camera_info (``camera_info_sync``); ValueError skips the frame."""
@@ -496,22 +487,14 @@ class DepthNode(SetupNode):
             "provider": pipeline.estimator.model.provider, "model_path": pipeline.model_path,
             "last_error": totals["last_error"],
         }
-        status = DiagnosticStatus(
-            level=DiagnosticStatus.OK if frames else DiagnosticStatus.WARN,
-            name=f"{self.get_fully_qualified_name()}: depth estimation",
-            message="running" if frames else "no frames processed in this period",
-            hardware_id=values["provider"],
-            values=[KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v))
-                    for k, v in values.items()])
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        self._diagnostics.publish(diagnostics(
+            self, "depth estimation", DiagnosticStatus.OK if frames else DiagnosticStatus.WARN,
+            "running" if frames else "no frames processed in this period", values["provider"], values))
 
     def destroy_node(self) -> None:
-        if hasattr(self, "_worker"):
+        if hasattr(self, "_frames"):
             self._stop.set()
-            self._wake.set()
-            self._worker.join(timeout=5.0)
+            self._frames.stop(timeout=5.0)
         super().destroy_node()
 
 
