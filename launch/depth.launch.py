@@ -19,6 +19,8 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from depthkd_ros.dds import profile_env
+
 PACKAGE = "depthkd_ros"
 DISTILL_SIGTERM_TIMEOUT_S = "30"
 # Installed, this file is share/depthkd_ros/launch/depth.launch.py and the configs
@@ -67,17 +69,21 @@ def _nodes(context: object) -> list:
     if value("model_path"):
         overrides["model_path"] = value("model_path")
     image = value("image")
+    # Fast DDS's default transports lose megabyte images and clouds (docs/depth_node.md,
+    # "DDS transport"); a profile file the user chose is left alone.
+    env = profile_env(CONFIG / "fastdds.xml", context.environment)
     remappings = [("image", image), ("image/compressed", f"{image}/compressed"),
                   ("camera_info", value("camera_info"))]
     actions = [Node(package=PACKAGE, executable="depth_node", name="depth_node", namespace=ns,
                     parameters=[value("params_file"), overrides], remappings=remappings,
-                    output="screen")
+                    additional_env=env, output="screen")
                for ns in namespaces]
     if value("distill").lower() in ("true", "1", "yes"):
         # Once a round ran, distill_node holds torch: its exit on Ctrl-C (threads joined, torch
         # torn down) can take longer than launch's default 5 s before SIGTERM.
         actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
                          namespace=ns, remappings=remappings, output="screen",
+                         additional_env=env,
                          sigterm_timeout=DISTILL_SIGTERM_TIMEOUT_S,
                          parameters=[{"teacher_url": value("teacher_url"),
                                       "token_file": value("token_file"),
@@ -88,7 +94,8 @@ def _nodes(context: object) -> list:
         # The RViz config uses relative topic names, resolved in this namespace.
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",
                             namespace=namespaces[0],
-                            arguments=["-d", str(CONFIG / "depthkd.rviz")], output="screen"))
+                            arguments=["-d", str(CONFIG / "depthkd.rviz")],
+                            additional_env=env, output="screen"))
     return actions
 
 
