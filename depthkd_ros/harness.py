@@ -117,11 +117,13 @@ class CameraPlayer(Node):
 class NodeProcess:
     """A depth_node in its own process: start, wait for its topics, stop, peak memory."""
 
-    def __init__(self, params: dict[str, Any], domain_id: int, log_path: Path) -> None:
+    def __init__(self, params: dict[str, Any], domain_id: int, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         args = [sys.executable, "-m", "depthkd_ros.depth_node", "--ros-args"]
         for key, value in params.items():
             args += ["-p", f"{key}:={_ros_value(value)}"]
-        env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(domain_id),
+               "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(args, env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
@@ -162,11 +164,12 @@ def _ros_value(value: Any) -> str:
 
 
 class Session:
-    """rclpy context + CameraPlayer spinning on a background thread + the node process."""
+    """rclpy context + CameraPlayer spinning on a background thread + the node process
+    (``node_env``: variables added to its environment)."""
 
     def __init__(self, node_params: dict[str, Any], domain_id: int, log_path: Path,
                  topics: tuple[str, ...] = tuple(OUTPUT_TOPICS), keep_messages: bool = True,
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0, node_env: dict[str, str] | None = None) -> None:
         self.context = Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.player = CameraPlayer(self.context, topics, keep_messages)
@@ -174,7 +177,7 @@ class Session:
         self.executor.add_node(self.player)
         self._spinner = threading.Thread(target=self._spin, daemon=True)
         self._spinner.start()
-        self.node = NodeProcess(node_params, domain_id, log_path)
+        self.node = NodeProcess(node_params, domain_id, log_path, node_env)
         try:
             self._wait_connected(start_timeout_s)
         except BaseException:

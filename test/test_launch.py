@@ -209,6 +209,13 @@ def test_fast_dds_profile_only_when_the_user_has_none(monkeypatch: pytest.Monkey
     assert len(actions) == 5
     for action in actions:
         env = action.kwargs["additional_env"]
+        # Fast DDS 3: the old name would only add a deprecation warning to every start.
+        assert set(env) == {"FASTDDS_DEFAULT_PROFILES_FILE"}
+        assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).resolve() == FASTDDS_XML
+    # Fast DDS 2 (Humble to Jazzy) reads only the old name.
+    jazzy = _run_fake(monkeypatch, environment={"ROS_DISTRO": "jazzy"})
+    for action in jazzy:
+        env = action.kwargs["additional_env"]
         assert set(env) == {"FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"}
         assert {Path(v).resolve() for v in env.values()} == {FASTDDS_XML}
     # Either variable (Fast DDS 3 or 2) is the user's choice of transports: nothing is added.
