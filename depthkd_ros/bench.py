@@ -20,8 +20,9 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -150,6 +151,26 @@ def profile_in_use(environ: Mapping[str, str]) -> str:
     return next((environ[v] for v in PROFILE_VARIABLES if environ.get(v)), "Fast DDS defaults")
 
 
+def run_stream(args: argparse.Namespace, model: Path, frames: list[np.ndarray], K,
+               rate: float, domain: int, node_env: dict[str, str]) -> dict[str, object]:
+    """One ``stream`` at ``rate``, printed."""
+    s = stream(model, frames, K, rate, args.duration, domain,
+               Path(tempfile.gettempdir()) / f"depthkd_bench_node.{int(rate)}hz.log",
+               args.cloud_decimation, args.cloud_resolution, node_env)
+    lat = s["latency"]
+    print(f"  {rate:.0f} Hz for {args.duration:.0f} s: received in another process: depth "
+          f"{s['output_hz']:.1f} Hz, points {s['points_hz']:.1f} Hz; drop rate "
+          f"{s['drop_rate']:.1%} end to end ({s['node_drop_rate']:.1%} in the node), "
+          f"latency mean {lat.get('mean_ms', 0):.1f} ms "
+          f"p90 {lat.get('p90_ms', 0):.1f} ms, node peak RSS {s['node_peak_rss_mb']} MB")
+    diag = s["diagnostics"]
+    if diag:
+        print(f"      node's own figures: inference {diag.get('inference_ms')} ms, decode to "
+              f"publish {diag.get('total_ms')} ms per frame "
+              f"(overhead {s['node_overhead_to_inference']:.2f}x inference)")
+    return s
+
+
 def run_cli(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.is_file():
@@ -164,10 +185,8 @@ def run_cli(args: argparse.Namespace) -> int:
                                       "serialise"))
     ratio = overhead / stage["inference"]
     node_env, own_env = dds_environments(args.dds_profile)
-    # Fast DDS reads its profile when this process's first participant is created (below).
-    os.environ.update(own_env)
     profiles = {"node": profile_in_use({**os.environ, **node_env}),
-                "camera_and_subscriber": profile_in_use(os.environ)}
+                "camera_and_subscriber": profile_in_use({**os.environ, **own_env})}
     report: dict[str, object] = {"model": str(model), "camera": [args.width, args.height],
                                  "cloud_decimation": args.cloud_decimation,
                                  "cloud_resolution": args.cloud_resolution,
@@ -188,23 +207,11 @@ def run_cli(args: argparse.Namespace) -> int:
           f"{stage['cloud_mb']:.1f} MB {stage['memcpy_cloud_bytes']:.2f} ms "
           f"({stage['cloud'] / max(stage['memcpy_cloud_bytes'], 1e-6):.1f}x)")
     domain = args.domain_id if args.domain_id is not None else default_domain_id()
-    streams = []
-    for rate in (float(r) for r in args.rates.split(",") if r.strip()):
-        s = stream(model, frames, K, rate, args.duration, domain,
-                   Path(tempfile.gettempdir()) / f"depthkd_bench_node.{int(rate)}hz.log",
-                   args.cloud_decimation, args.cloud_resolution, node_env)
-        streams.append(s)
-        lat = s["latency"]
-        print(f"  {rate:.0f} Hz for {args.duration:.0f} s: received in another process: depth "
-              f"{s['output_hz']:.1f} Hz, points {s['points_hz']:.1f} Hz; drop rate "
-              f"{s['drop_rate']:.1%} end to end ({s['node_drop_rate']:.1%} in the node), "
-              f"latency mean {lat.get('mean_ms', 0):.1f} ms "
-              f"p90 {lat.get('p90_ms', 0):.1f} ms, node peak RSS {s['node_peak_rss_mb']} MB")
-        diag = s["diagnostics"]
-        if diag:
-            print(f"      node's own figures: inference {diag.get('inference_ms')} ms, decode to "
-                  f"publish {diag.get('total_ms')} ms per frame "
-                  f"(overhead {s['node_overhead_to_inference']:.2f}x inference)")
+    # Fast DDS reads its profile when this process's first participant is created (the
+    # camera player's); restored afterwards for callers that go on (the tests).
+    with mock.patch.dict(os.environ, own_env):
+        streams = [run_stream(args, model, frames, K, float(rate), domain, node_env)
+                   for rate in args.rates.split(",") if rate.strip()]
     report["streams"] = streams
     if streams:
         first = streams[0]
