@@ -145,6 +145,15 @@ class NodeProcess:
             pass
         return self.peak_rss_mb
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the node process so far (Linux /proc), NaN once gone."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.sample_memory()
         if self.process.poll() is None:
@@ -205,10 +214,12 @@ class Session:
 
     def play(self, frames: list[np.ndarray], K: Intrinsics, rate_hz: float,
              duration_s: float | None = None, drain_s: float = 2.0) -> list[int]:
-        """Publish frames at ``rate_hz`` (cycling for ``duration_s`` if given); return stamps."""
+        """Publish frames at ``rate_hz`` (cycling for ``duration_s`` if given); return stamps.
+        ``play_cpu_s`` is then the CPU time the node process spent meanwhile."""
         count = len(frames) if duration_s is None else max(1, int(round(duration_s * rate_hz)))
         period = 1.0 / rate_hz
         stamps = []
+        cpu_start = self.node.cpu_seconds()
         start = time.perf_counter()
         for i in range(count):
             delay = start + i * period - time.perf_counter()
@@ -219,6 +230,7 @@ class Session:
                 self.node.sample_memory()
                 self.node.check_alive()
         time.sleep(drain_s)
+        self.play_cpu_s = self.node.cpu_seconds() - cpu_start
         return stamps
 
     def close(self) -> None:

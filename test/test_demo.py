@@ -96,7 +96,7 @@ def test_bench_node_prints_every_figure(tmp_path, capsys):
     assert 0.0 <= stream["drop_rate"] < 1.0 and stream["node_peak_rss_mb"] > 0
     assert 0.0 <= stream["node_drop_rate"] < 1.0
     assert stream["points_received"] > 0 and stream["points_hz"] > 0
-    assert stream["node_overhead_to_inference"] > 0
+    assert stream["node_overhead_to_inference"] > 0 and stream["node_cpu_ms_per_frame"] > 0
     # The node's defaults: points on the network's grid; the shipped Fast DDS profile.
     assert report["cloud_resolution"] == "model"
     assert stages["cloud_size"] == stages["network_size"]

@@ -127,3 +127,10 @@ def test_runtime_import_has_no_torch() -> None:
             "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr or "depthkd_core.export.runtime imported torch"
+
+
+def test_worker_threads_do_not_spin(tmp_path: Path) -> None:
+    """Busy-waiting ORT threads take the CPU the live node's executor and DDS need."""
+    model = OnnxDepthModel(_mean_model(tmp_path / "m.onnx", keepdims=True), providers="cpu")
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
