@@ -23,11 +23,13 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import InvalidHandle
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
 
 from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry import Intrinsics, IntrinsicsBounds, colorize_depth
 from depthkd_core.inference import (
     ALIGNMENTS,
+    CLOUD_RESOLUTIONS,
     OUTPUT_RESOLUTIONS,
     SPARSE_ALIGNMENTS,
     DepthEstimator,
@@ -87,6 +89,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("depth_scale", 1.0, "fixed scale for alignment=scale", 1e-6, 1e6, dynamic=True),
     ParamSpec("min_depth", 0.1, "depths below this (m) become NaN", 0.0, 1000.0, dynamic=True),
     ParamSpec("max_depth", 10.0, "depths above this (m) become NaN", 0.0, 1000.0, dynamic=True),
+    ParamSpec("cloud_resolution", "model", "points on the network's depth grid (model) or on "
+              "the published depth's (camera: as many points as pixels, the extra ones "
+              "interpolated; a VGA cloud is 4.9 MB per frame)", choices=CLOUD_RESOLUTIONS,
+              dynamic=True),
     ParamSpec("cloud_decimation", 1, "points keeps every N-th row and column", 1, 16,
               dynamic=True),
     ParamSpec("publish_colored", True, "publish depth/colored (bgr8 preview)", dynamic=True),
@@ -181,6 +187,15 @@ def load_estimator(values: dict[str, Any], frames: list[np.ndarray]) -> DepthEst
     return estimator
 
 
+def cloud_message(result: DepthResult, rgb: np.ndarray | None, resolution: str,
+                  decimation: int, header: Header | None = None) -> PointCloud2:
+    """The ``points`` message of a frame: ``result``'s depth on the ``cloud_resolution``
+    grid, every ``decimation``-th row and column, coloured by ``rgb`` (resized) if given."""
+    depth, K = result.cloud_grid(resolution)
+    points, colors = build_point_cloud(depth, K, decimation, rgb)
+    return points_to_pointcloud2(points, header, colors)
+
+
 class CameraInfoMismatch(ValueError):
     """The frame's camera_info is unusable (``kind``): none pairs with it (unpaired), its
     frame_id differs (frame_id) or its intrinsics are implausible (implausible)."""
@@ -195,6 +210,7 @@ class Pipeline:
     """Everything one frame needs; replaced as a whole so a frame never sees half a change."""
 
     estimator: DepthEstimator
+    cloud_resolution: str
     decimation: int
     colored: bool
     cloud_rgb: bool
@@ -292,8 +308,9 @@ class DepthNode(SetupNode):
 
     @staticmethod
     def _make_pipeline(values: dict[str, Any], estimator: DepthEstimator) -> Pipeline:
-        return Pipeline(estimator, values["cloud_decimation"], values["publish_colored"],
-                        values["cloud_rgb"], str(resolve_model_path(values["model_path"])))
+        return Pipeline(estimator, values["cloud_resolution"], values["cloud_decimation"],
+                        values["publish_colored"], values["cloud_rgb"],
+                        str(resolve_model_path(values["model_path"])))
 
     def _make_topics(self, values: dict[str, Any]) -> None:
         def subscribe(kind: type, topic: str, callback: Any) -> InputSubscription:
@@ -464,10 +481,9 @@ class DepthNode(SetupNode):
             preview = colorize_depth(result.depth, config.min_depth, config.max_depth)
             self._pubs["colored"].publish(rgb_to_image(preview, "bgr8", header))
         if "points" in wanted:
-            points, colors = build_point_cloud(result.depth, result.intrinsics,
-                                               pipeline.decimation,
-                                               rgb if pipeline.cloud_rgb else None)
-            self._pubs["points"].publish(points_to_pointcloud2(points, header, colors))
+            cloud = cloud_message(result, rgb if pipeline.cloud_rgb else None,
+                                  pipeline.cloud_resolution, pipeline.decimation, header)
+            self._pubs["points"].publish(cloud)
 
     def _publish_diagnostics(self) -> None:
         window, elapsed = self.stats.take_window()

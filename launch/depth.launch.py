@@ -19,6 +19,8 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from depthkd_ros.dds import profile_env
+
 PACKAGE = "depthkd_ros"
 DISTILL_SIGTERM_TIMEOUT_S = "30"
 # Installed, this file is share/depthkd_ros/launch/depth.launch.py and the configs
@@ -67,11 +69,14 @@ def _nodes(context: object) -> list:
     if value("model_path"):
         overrides["model_path"] = value("model_path")
     image = value("image")
+    # Fast DDS's default transports lose megabyte images and clouds (docs/depth_node.md,
+    # "DDS transport"); a profile file the user chose is left alone.
+    env = profile_env(CONFIG / "fastdds.xml", context.environment)
     remappings = [("image", image), ("image/compressed", f"{image}/compressed"),
                   ("camera_info", value("camera_info"))]
     actions = [Node(package=PACKAGE, executable="depth_node", name="depth_node", namespace=ns,
                     parameters=[value("params_file"), overrides], remappings=remappings,
-                    output="screen")
+                    additional_env=env, output="screen")
                for ns in namespaces]
     if value("distill").lower() in ("true", "1", "yes"):
         # On Ctrl-C distill_node stops a running round's trainer (its process group) and joins
@@ -79,6 +84,7 @@ def _nodes(context: object) -> list:
         # SIGTERM when several are busy.
         actions += [Node(package=PACKAGE, executable="distill_node", name="distill_node",
                          namespace=ns, remappings=remappings, output="screen",
+                         additional_env=env,
                          sigterm_timeout=DISTILL_SIGTERM_TIMEOUT_S,
                          parameters=[{"teacher_url": value("teacher_url"),
                                       "token_file": value("token_file"),
@@ -89,7 +95,8 @@ def _nodes(context: object) -> list:
         # The RViz config uses relative topic names, resolved in this namespace.
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2",
                             namespace=namespaces[0],
-                            arguments=["-d", str(CONFIG / "depthkd.rviz")], output="screen"))
+                            arguments=["-d", str(CONFIG / "depthkd.rviz")],
+                            additional_env=env, output="screen"))
     return actions
 
 

@@ -4,6 +4,7 @@ fed the bundled sequence, with the packaged student (the `make demo` path)."""
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -85,7 +86,9 @@ def test_bench_node_prints_every_figure(tmp_path, capsys):
             "--domain-id", str(BENCH_DOMAIN)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for words in ("inference", "overhead", "memcpy", "drop rate", "peak RSS"):
+    for words in ("inference", "overhead", "memcpy", "drop rate", "peak RSS",
+                  "received in another process: depth", "points", "targets at 15 Hz",
+                  "DDS profile"):
         assert words in printed
     report = json.loads(report_path.read_text())
     stages = report["stages_ms"]
@@ -96,3 +99,13 @@ def test_bench_node_prints_every_figure(tmp_path, capsys):
     assert stream["sent"] == 30 and stream["depth_received"] > 0
     assert 0.0 <= stream["drop_rate"] < 1.0 and stream["node_peak_rss_mb"] > 0
     assert 0.0 <= stream["node_drop_rate"] < 1.0
+    assert stream["points_received"] > 0 and stream["points_hz"] > 0
+    assert stream["node_overhead_to_inference"] > 0 and stream["node_cpu_ms_per_frame"] > 0
+    # The node's defaults: points on the network's grid; the shipped Fast DDS profile.
+    assert report["cloud_resolution"] == "model"
+    assert stages["cloud_size"] == stages["network_size"]
+    assert set(report["targets"]) == {"rate_hz", "needed_hz", "depth_ok", "points_ok",
+                                      "overhead_ok"}
+    if not any(os.environ.get(v) for v in ("FASTDDS_DEFAULT_PROFILES_FILE",
+                                           "FASTRTPS_DEFAULT_PROFILES_FILE")):
+        assert report["dds_profile"]["node"].endswith("config/fastdds.xml")

@@ -41,7 +41,11 @@ from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      image_to_rgb, numpy_to_image,
                                      pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image,
                                      stamp_ns)
-from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
+from depthkd_core.inference import (DepthEstimator, EstimatorConfig,  # noqa: E402
+                                    build_point_cloud)
+from depthkd_ros.conversions import points_to_pointcloud2  # noqa: E402
+from depthkd_ros.depth_node import DepthNode, cloud_message  # noqa: E402
 from depthkd_ros.node_params import matching_reliability  # noqa: E402
 from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,  # noqa: E402
                      write_linear_onnx)
@@ -547,6 +551,85 @@ def test_camera_info_sync_latest_takes_the_newest(ros: Any) -> None:
                                                     info_stamp_offset_ns=-10**9))
         assert node.stats.snapshot()["camera_info"] == {"unpaired": 0, "frame_id": 0,
                                                         "implausible": 0}
+    finally:
+        ros["executor"].remove_node(h.node)
+        ros["executor"].remove_node(node)
+        h.node.destroy_node()
+        node.destroy_node()
+
+
+def _fields(msg: PointCloud2) -> list[tuple]:
+    return [(f.name, f.offset, f.datatype, f.count) for f in msg.fields]
+
+
+def _cloud(depth: np.ndarray, K: Intrinsics, decimation: int, rgb: np.ndarray | None
+           ) -> PointCloud2:
+    """How the node built ``points`` before cloud_resolution: the published depth's grid."""
+    points, colors = build_point_cloud(depth, K, decimation, rgb)
+    return points_to_pointcloud2(points, None, colors)
+
+
+@pytest.mark.parametrize("decimation", [1, 3])
+def test_cloud_message_camera_is_the_old_cloud_and_model_the_network_grid(
+        tmp_path: Path, decimation: int) -> None:
+    """``points`` built by cloud_message: at camera resolution byte for byte the cloud the
+    node published before (the whole published depth grid); at model resolution (the
+    default) the cloud of the network's grid, as a model-resolution run would give it."""
+    model = OnnxDepthModel(write_linear_onnx(tmp_path / "ramp.onnx", 4.0, 1.0), providers="cpu")
+    config = {"input_size": (H // 2, W // 2), "min_depth": MIN_D, "max_depth": MAX_D}
+    rgb = _frame(5)
+    result = DepthEstimator(model, EstimatorConfig(**config)).estimate(rgb, K)
+    at_model = DepthEstimator(model, EstimatorConfig(output_resolution="model", **config)
+                              ).estimate(rgb, K)
+    for colour in (rgb, None):
+        old = _cloud(result.depth, result.intrinsics, decimation, colour)
+        camera = cloud_message(result, colour, "camera", decimation)
+        assert bytes(camera.data) == bytes(old.data)
+        assert _fields(camera) == _fields(old)
+        assert ((camera.height, camera.width, camera.point_step, camera.row_step)
+                == (old.height, old.width, old.point_step, old.row_step)
+                == (-(-H // decimation), -(-W // decimation), old.point_step,
+                    old.point_step * -(-W // decimation)))
+        small = cloud_message(result, colour, "model", decimation)
+        same = _cloud(at_model.depth, at_model.intrinsics, decimation, colour)
+        assert bytes(small.data) == bytes(same.data) and _fields(small) == _fields(same)
+        assert (small.height, small.width) == (-(-H // 2 // decimation), -(-W // 2 // decimation))
+        assert small.is_dense is False and small.point_step == (16 if colour is not None else 12)
+    # Invalid depth (outside [min_depth, max_depth]) is NaN in the cloud, as in the image.
+    points, colors = pointcloud2_to_numpy(cloud_message(result, rgb, "model", 1))
+    invalid = np.isnan(result.model_depth)
+    assert invalid.any() and (~invalid).any()
+    assert np.isnan(points[invalid]).all() and np.isfinite(points[~invalid]).all()
+    np.testing.assert_allclose(points[..., 2], result.model_depth)
+    assert colors.shape == (H // 2, W // 2, 3)
+
+
+def test_points_at_model_resolution_by_default_through_dds(ros: Any) -> None:
+    """A subscriber gets ``points`` on the network's grid unless cloud_resolution is camera."""
+    node = DepthNode(context=ros["context"], namespace="grid", parameter_overrides=[
+        Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
+        Parameter("min_depth", value=MIN_D), Parameter("max_depth", value=MAX_D),
+        Parameter("model_input_height", value=H // 2),
+        Parameter("model_input_width", value=W // 2)])
+    assert node.get_parameter("cloud_resolution").value == "model"
+    ros["executor"].add_node(node)
+    h = Harness(ros["context"], ros["executor"], node, ("depth", "depth/camera_info", "points"))
+    try:
+        wait_until(lambda: node._pubs["points"].get_subscription_count(),  # noqa: SLF001
+                   what="points subscriber")
+        h.set_camera_info(_info(K))
+        cloud = _send_until_back(h, "points", lambda: h.send(rgb_to_image(_frame(6))))
+        stamp = (cloud.header.stamp.sec, cloud.header.stamp.nanosec)
+        depth = h.wait("depth", stamp)
+        assert (depth.height, depth.width) == (H, W)  # the depth image stays at camera size
+        assert (cloud.height, cloud.width) == (H // 2, W // 2)
+        points, _ = pointcloud2_to_numpy(cloud)
+        assert np.isfinite(points).any()
+        assert node.set_parameters([Parameter("cloud_resolution", value="camera")])[0].successful
+        dense = h.wait("points", h.send(rgb_to_image(_frame(6))))
+        assert (dense.height, dense.width) == (H, W)
+        bad = node.set_parameters([Parameter("cloud_resolution", value="full")])[0]
+        assert not bad.successful and "cloud_resolution" in bad.reason
     finally:
         ros["executor"].remove_node(h.node)
         ros["executor"].remove_node(node)

@@ -65,6 +65,29 @@ def test_aspect_change_and_model_resolution(ramp_model: OnnxDepthModel) -> None:
     np.testing.assert_allclose(camera.depth, 2.6, rtol=1e-5)
 
 
+def test_model_grid_beside_camera_depth(ramp_model: OnnxDepthModel) -> None:
+    """The cloud's default grid: the network's depth with the camera depth's scale and range."""
+    rgb, K = _frame(48, 64, seed=3, block=2), _K(48, 64)
+    common = {"input_size": (24, 32), "alignment": "scale", "depth_scale": 1.5,
+              "min_depth": 2.0, "max_depth": 6.0}
+    camera = DepthEstimator(ramp_model, EstimatorConfig(**common)).estimate(rgb, K)
+    model = DepthEstimator(ramp_model, EstimatorConfig(output_resolution="model", **common)
+                           ).estimate(rgb, K)
+    assert camera.depth.shape == (48, 64) and camera.intrinsics == K
+    assert camera.model_depth.shape == (24, 32)
+    np.testing.assert_array_equal(camera.model_depth, model.depth)  # NaN where invalid too
+    assert camera.model_intrinsics == model.intrinsics == K.scaled(32, 24)
+    assert np.isnan(camera.model_depth).any() and np.isfinite(camera.model_depth).any()
+    valid = camera.model_depth[np.isfinite(camera.model_depth)]
+    assert valid.min() >= 2.0 and valid.max() <= 6.0
+    assert camera.cloud_grid("model") == (camera.model_depth, camera.model_intrinsics)
+    assert camera.cloud_grid("camera") == (camera.depth, camera.intrinsics)
+    # At model resolution both grids are the one published.
+    assert model.model_depth is model.depth and model.cloud_grid("camera")[1] == model.intrinsics
+    with pytest.raises(ValueError, match="cloud resolution must be one of"):
+        camera.cloud_grid("full")
+
+
 def test_network_size(ramp_model: OnnxDepthModel, tmp_path: Path) -> None:
     # Dynamic model: the frame rounded to the encoder stride 32, like OnnxDepthModel.predict.
     assert DepthEstimator(ramp_model).network_size(50, 70) == (64, 64)

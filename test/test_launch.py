@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "depth.launch.py"
 PARAMS_YAML = REPO / "config" / "depth.yaml"
 RVIZ = REPO / "config" / "depthkd.rviz"
+FASTDDS_XML = REPO / "config" / "fastdds.xml"
 DOC = REPO / "docs" / "depth_node.md"
 DOMAIN_ID = ros_domain(49)
 
@@ -74,9 +75,10 @@ def _load_launch_file(name: str) -> types.ModuleType:
 
 
 def _run_fake(monkeypatch: pytest.MonkeyPatch, installed: frozenset[str] = frozenset({"rviz2"}),
-              **overrides: str) -> list[_Recorder]:
+              environment: dict[str, str] | None = None, **overrides: str) -> list[_Recorder]:
     """generate_launch_description() with recording stand-ins -> the actions it launches;
-    ``installed`` names the packages the stand-in ament index finds."""
+    ``installed`` names the packages the stand-in ament index finds, ``environment`` is
+    the launch's environment (empty by default)."""
     for name, module in _fake_launch_modules(installed).items():
         monkeypatch.setitem(sys.modules, name, module)
     description = _load_launch_file("depth_launch_fake").generate_launch_description()
@@ -84,7 +86,8 @@ def _run_fake(monkeypatch: pytest.MonkeyPatch, installed: frozenset[str] = froze
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities
                 if type(e).__name__ == "DeclareLaunchArgument"}
     assert set(overrides) <= set(declared), f"unknown launch arguments {set(overrides)}"
-    context = types.SimpleNamespace(launch_configurations={**declared, **overrides})
+    context = types.SimpleNamespace(launch_configurations={**declared, **overrides},
+                                    environment=environment or {})
     (opaque,) = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
     return opaque.kwargs["function"](context)
 
@@ -196,3 +199,49 @@ def test_distill_true_adds_a_distill_node_per_camera(monkeypatch: pytest.MonkeyP
                                     "store_dir": f"/var/distill/{d['namespace']}",
                                     "input_transport": "compressed"}]
     assert not [a for a in _run_fake(monkeypatch) if a.kwargs["executable"] == "distill_node"]
+
+
+@pytest.mark.parametrize("variable", ["FASTDDS_DEFAULT_PROFILES_FILE",
+                                      "FASTRTPS_DEFAULT_PROFILES_FILE"])
+def test_fast_dds_profile_only_when_the_user_has_none(monkeypatch: pytest.MonkeyPatch,
+                                                      variable: str) -> None:
+    actions = _run_fake(monkeypatch, cameras="front,rear", distill="true", rviz="true")
+    assert len(actions) == 5
+    for action in actions:
+        env = action.kwargs["additional_env"]
+        # Fast DDS 3: the old name would only add a deprecation warning to every start.
+        assert set(env) == {"FASTDDS_DEFAULT_PROFILES_FILE"}
+        assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).resolve() == FASTDDS_XML
+    # Fast DDS 2 (Humble to Jazzy) reads only the old name.
+    jazzy = _run_fake(monkeypatch, environment={"ROS_DISTRO": "jazzy"})
+    for action in jazzy:
+        env = action.kwargs["additional_env"]
+        assert set(env) == {"FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"}
+        assert {Path(v).resolve() for v in env.values()} == {FASTDDS_XML}
+    # Either variable (Fast DDS 3 or 2) is the user's choice of transports: nothing is added.
+    own = _run_fake(monkeypatch, environment={variable: "/etc/my_profile.xml"}, distill="true")
+    assert own and all(a.kwargs["additional_env"] == {} for a in own)
+    # Set but empty means unset, as Fast DDS reads it.
+    empty = _run_fake(monkeypatch, environment={variable: ""})
+    assert all(a.kwargs["additional_env"] for a in empty)
+
+
+def test_fast_dds_profile_is_valid_and_installed() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(FASTDDS_XML).getroot()
+    ns = {"d": "http://www.eprosima.com"}
+    transports = {t.findtext("d:transport_id", namespaces=ns): t
+                  for t in root.iterfind(".//d:transport_descriptor", ns)}
+    shm = [t for t in transports.values() if t.findtext("d:type", namespaces=ns) == "SHM"]
+    # A camera-resolution VGA cloud (4.9 MB) with depth and image in flight must fit.
+    assert len(shm) == 1 and int(shm[0].findtext("d:segment_size", namespaces=ns)) >= 16 << 20
+    udp = [t for t in transports.values() if t.findtext("d:type", namespaces=ns) == "UDPv4"]
+    # Every interface: RViz on another host must still get the outputs.
+    assert len(udp) == 1 and udp[0].find("d:interfaceWhiteList", ns) is None
+    (participant,) = root.iterfind(".//d:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    assert participant.findtext(".//d:useBuiltinTransports", namespaces=ns) == "false"
+    used = {t.text for t in participant.iterfind(".//d:userTransports/d:transport_id", ns)}
+    assert used == set(transports)
+    assert "glob(\"config/*.xml\")" in (REPO / "setup.py").read_text()

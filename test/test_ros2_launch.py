@@ -9,6 +9,7 @@ as Ctrl-C in a terminal stops it (SIGINT to the group): exit 0, no process left 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from pathlib import Path
@@ -25,8 +26,11 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 
 from depthkd_core.data import SimFolder  # noqa: E402
+from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
+from depthkd_core.inference import DepthEstimator  # noqa: E402
+from depthkd_ros.dds import PROFILE_VARIABLES  # noqa: E402
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
-from depthkd_ros.depth_node import PARAMS  # noqa: E402
+from depthkd_ros.depth_node import PACKAGED_MODEL, PARAMS  # noqa: E402
 from depthkd_ros.tools.harness import CameraPlayer  # noqa: E402
 from helpers import FASTDEPTH, ros_domain, wait_until  # noqa: E402
 from ros_launch import REPO, Workspace, needs_ros_tools  # noqa: E402
@@ -127,14 +131,25 @@ def _feed_until_outputs(launch: Any, player: CameraPlayer, frames: tuple[list, A
 
 
 def _check_outputs(player: CameraPlayer, K: Any, sent: set[int]) -> None:
-    """Depth at the camera resolution, in metres, stamped like its input; an organized cloud."""
+    """Depth at the camera resolution, in metres, stamped like its input; an organized cloud
+    on the network's grid (cloud_resolution model, the default)."""
     assert all(set(player.received.messages[t]) <= sent for t in player.received.messages)
     depth = next(iter(player.received.messages["depth"].values()))
     assert (depth.encoding, depth.height, depth.width) == ("32FC1", K.height, K.width)
     values = np.frombuffer(bytes(depth.data), np.float32)
     assert np.isfinite(values).mean() > 0.9 and 0.1 <= np.nanmedian(values) <= 10.0
     cloud = next(iter(player.received.messages["points"].values()))
-    assert (cloud.height, cloud.width) == (K.height, K.width)
+    network = DepthEstimator(OnnxDepthModel(PACKAGED_MODEL)).network_size(K.height, K.width)
+    assert (cloud.height, cloud.width) == network != (K.height, K.width)
+
+
+def _node_environment(launch: Any, executable: str) -> dict[str, str]:
+    """The environment launch gave the process of ``executable`` (from its logged pid)."""
+    match = re.search(rf"\[{executable}-\d+\]: process started with pid \[(\d+)\]",
+                      launch.output())
+    assert match, launch.output()[-2000:]
+    raw = Path(f"/proc/{match.group(1)}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
 def _check_node(rcl: Rcl, namespace: str, transport: str) -> None:
@@ -163,6 +178,12 @@ def test_default_launch(workspace: Workspace, rcl: Rcl, frames: tuple, tmp_path:
             # The colcon-installed package runs (its packaged model), not the checkout.
             diagnostics = wait_until(lambda: player.received.diagnostics, what="diagnostics")
             assert Path(diagnostics["model_path"]).is_relative_to(workspace.install)
+            # Without a profile of the user's, the node gets the installed one.
+            env = _node_environment(launch, "depth_node")
+            if not any(workspace.env.get(v) for v in PROFILE_VARIABLES):
+                profile = Path(env["FASTDDS_DEFAULT_PROFILES_FILE"])
+                assert profile == (workspace.install / "depthkd_ros" / "share" / "depthkd_ros"
+                                   / "config" / "fastdds.xml") and profile.is_file()
         finally:
             rcl.drop(player)
         launch.interrupt()

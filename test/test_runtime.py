@@ -113,3 +113,10 @@ def test_fixed_size_model_predict_resizes(tmp_path: Path) -> None:
     depth = model.predict(np.zeros((480, 640, 3), np.uint8))
     assert depth.shape == (32, 48)
     np.testing.assert_allclose(depth, 1.0)
+
+
+def test_worker_threads_do_not_spin(tmp_path: Path) -> None:
+    """Busy-waiting ORT threads take the CPU the live node's executor and DDS need."""
+    model = OnnxDepthModel(_mean_model(tmp_path / "m.onnx", keepdims=True), providers="cpu")
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

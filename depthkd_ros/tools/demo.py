@@ -92,8 +92,9 @@ def run_demo(out: Path, model: Path, sequence: Path, rate: float, domain_id: int
     if K is None:
         raise ValueError(f"sequence {sequence} has no intrinsics.json")
     out.mkdir(parents=True, exist_ok=True)
+    # The panel's oblique view and the PLY want a point per camera pixel (a 320x240 clip).
     params = {"model_path": str(model.resolve()), "publish_colored": True, "cloud_rgb": True,
-              "min_depth": MIN_DEPTH, "max_depth": MAX_DEPTH}
+              "cloud_resolution": "camera", "min_depth": MIN_DEPTH, "max_depth": MAX_DEPTH}
     session = Session(params, domain_id, out / "depth_node.log")
     try:
         stamps = session.play([f.rgb for f in frames], K, rate)

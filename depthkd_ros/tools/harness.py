@@ -117,11 +117,13 @@ class CameraPlayer(Node):
 class NodeProcess:
     """A depth_node in its own process: start, wait for its topics, stop, peak memory."""
 
-    def __init__(self, params: dict[str, Any], domain_id: int, log_path: Path) -> None:
+    def __init__(self, params: dict[str, Any], domain_id: int, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         args = [sys.executable, "-m", "depthkd_ros.depth_node", "--ros-args"]
         for key, value in params.items():
             args += ["-p", f"{key}:={_ros_value(value)}"]
-        env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(domain_id),
+               "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(args, env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
@@ -143,6 +145,15 @@ class NodeProcess:
             pass
         return self.peak_rss_mb
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the node process so far (Linux /proc), NaN once gone."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.sample_memory()
         if self.process.poll() is None:
@@ -162,11 +173,12 @@ def _ros_value(value: Any) -> str:
 
 
 class Session:
-    """rclpy context + CameraPlayer spinning on a background thread + the node process."""
+    """rclpy context + CameraPlayer spinning on a background thread + the node process
+    (``node_env``: variables added to its environment)."""
 
     def __init__(self, node_params: dict[str, Any], domain_id: int, log_path: Path,
                  topics: tuple[str, ...] = tuple(OUTPUT_TOPICS), keep_messages: bool = True,
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0, node_env: dict[str, str] | None = None) -> None:
         self.context = Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.player = CameraPlayer(self.context, topics, keep_messages)
@@ -174,7 +186,7 @@ class Session:
         self.executor.add_node(self.player)
         self._spinner = threading.Thread(target=self._spin, daemon=True)
         self._spinner.start()
-        self.node = NodeProcess(node_params, domain_id, log_path)
+        self.node = NodeProcess(node_params, domain_id, log_path, node_env)
         try:
             self._wait_connected(start_timeout_s)
         except BaseException:
@@ -202,10 +214,12 @@ class Session:
 
     def play(self, frames: list[np.ndarray], K: Intrinsics, rate_hz: float,
              duration_s: float | None = None, drain_s: float = 2.0) -> list[int]:
-        """Publish frames at ``rate_hz`` (cycling for ``duration_s`` if given); return stamps."""
+        """Publish frames at ``rate_hz`` (cycling for ``duration_s`` if given); return stamps.
+        ``play_cpu_s`` is then the CPU time the node process spent meanwhile."""
         count = len(frames) if duration_s is None else max(1, int(round(duration_s * rate_hz)))
         period = 1.0 / rate_hz
         stamps = []
+        cpu_start = self.node.cpu_seconds()
         start = time.perf_counter()
         for i in range(count):
             delay = start + i * period - time.perf_counter()
@@ -216,6 +230,7 @@ class Session:
                 self.node.sample_memory()
                 self.node.check_alive()
         time.sleep(drain_s)
+        self.play_cpu_s = self.node.cpu_seconds() - cpu_start
         return stamps
 
     def close(self) -> None:
