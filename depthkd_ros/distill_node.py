@@ -44,7 +44,7 @@ from depthkd_ros.conversions import (
     compressed_to_rgb,
     image_to_rgb,
 )
-from depthkd_ros.depth_node import resolve_model_path
+from depthkd_ros.depth_pipeline import resolve_model_path
 from depthkd_ros.node_base import NewestFrameWorker, diagnostics
 from depthkd_ros.node_params import (
     RELIABILITY,

@@ -18,7 +18,7 @@ from depthkd_core.data.readers import SimFolder  # noqa: E402
 from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
-from depthkd_ros.depth_node import PACKAGED_MODEL  # noqa: E402
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL  # noqa: E402
 from depthkd_core.online.supervisor import checkpoint_for  # noqa: E402
 from helpers import ros_domain  # noqa: E402
 
@@ -50,7 +50,7 @@ def test_packaged_assets_are_small_and_consistent():
 
 def test_distill_node_trains_the_packaged_student_by_default(tmp_path):
     # depth_node's empty model_path is the packaged student, whose checkpoint is beside it
-    from depthkd_ros.depth_node import resolve_model_path
+    from depthkd_ros.depth_pipeline import resolve_model_path
 
     assert checkpoint_for(resolve_model_path("")) == PACKAGED_MODEL.with_suffix(".pt")
     # a custom live model without a checkpoint beside it: collect and label only

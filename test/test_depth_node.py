@@ -45,7 +45,8 @@ from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.inference import (DepthEstimator, EstimatorConfig,  # noqa: E402
                                     build_point_cloud)
 from depthkd_ros.conversions import points_to_pointcloud2  # noqa: E402
-from depthkd_ros.depth_node import DepthNode, cloud_message  # noqa: E402
+from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_ros.depth_pipeline import cloud_message  # noqa: E402
 from depthkd_ros.node_params import matching_reliability  # noqa: E402
 from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,  # noqa: E402
                      write_linear_onnx)

@@ -30,7 +30,8 @@ from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
 from depthkd_core.inference import DepthEstimator  # noqa: E402
 from depthkd_ros.dds import PROFILE_VARIABLES  # noqa: E402
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
-from depthkd_ros.depth_node import PACKAGED_MODEL, PARAMS  # noqa: E402
+from depthkd_ros.depth_node import PARAMS  # noqa: E402
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL  # noqa: E402
 from depthkd_ros.tools.harness import CameraPlayer  # noqa: E402
 from helpers import FASTDEPTH, ros_domain, wait_until  # noqa: E402
 from ros_launch import REPO, Workspace, needs_ros_tools  # noqa: E402

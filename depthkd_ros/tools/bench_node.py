@@ -34,7 +34,8 @@ from depthkd_core.inference import CLOUD_RESOLUTIONS, DepthEstimator, EstimatorC
 from depthkd_ros.conversions import depth_to_image, image_to_rgb, rgb_to_image
 from depthkd_ros.dds import PROFILE_VARIABLES, SOURCE_PROFILE, profile_env
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
-from depthkd_ros.depth_node import PACKAGED_MODEL, PARAMS, cloud_message
+from depthkd_ros.depth_node import PARAMS
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL, cloud_message
 from depthkd_ros.tools.harness import Session, default_domain_id, latency_summary
 
 NODE_DEFAULTS = {spec.name: spec.default for spec in PARAMS}

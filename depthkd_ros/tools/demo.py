@@ -23,7 +23,7 @@ from depthkd_core.evaluate.metrics import MetricAccumulator
 from depthkd_core.geometry import colorize_depth
 from depthkd_core.geometry.pointcloud import render_point_cloud, write_ply
 from depthkd_ros.conversions import depth_image_to_numpy, image_to_rgb, pointcloud2_to_numpy
-from depthkd_ros.depth_node import PACKAGED_MODEL
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL
 from depthkd_ros.tools.harness import Session, default_domain_id, latency_summary
 
 PACKAGED_SEQUENCE = Path(__file__).resolve().parents[1] / "demo_data"

@@ -40,7 +40,7 @@ from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from depthkd_ros.depth_node import PACKAGED_MODEL
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL
 from depthkd_ros.tools.harness import NodeProcess, default_domain_id
 from depthkd_ros.tools.fuzz_messages import (TRANSPORTS, Message, MessageMix, demo_frames,
                                              write_bright_nan_onnx)
