@@ -240,7 +240,7 @@ class DepthNode(SetupNode):
             pipeline = self._make_pipeline(values, estimator)
         # Any failure (missing file, bad protobuf, wrong size, NaN on the recent frames) must keep
         # the old model running, and onnxruntime raises plain Exception subclasses.
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.get_logger().warning(f"rejected parameter change: {exc}")
             return SetParametersResult(successful=False, reason=str(exc))
         self._candidate = (pipeline, swap)
@@ -320,7 +320,7 @@ class DepthNode(SetupNode):
             result = pipeline.estimator.estimate(rgb, self._intrinsics(info), sparse_m)
             self._publish(msg, rgb, result, pipeline, wanted)
         # A bad frame (or a failing provider) must never kill the worker thread.
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not self.context.ok():
                 return  # Ctrl-C shut the context down mid-frame: every rcl call fails now
             self.stats.add("skipped", str(exc),

@@ -240,7 +240,7 @@ class DistillNode(SetupNode):
             self._count("store_errors", f"store full: {exc}")
             self.get_logger().error(f"keyframe dropped, store full: {exc}",
                                     throttle_duration_sec=WARN_THROTTLE_SEC)
-        except Exception as exc:  # noqa: BLE001 - a bad frame must not kill the thread
+        except Exception as exc:  # a bad frame must not kill the thread
             self._count("store_errors" if isinstance(exc, OSError) else "skipped",
                         f"frame skipped: {exc}")
             self.get_logger().warning(f"frame skipped: {exc}",
@@ -269,7 +269,7 @@ class DistillNode(SetupNode):
             except TeacherRequestError as exc:  # this frame is refused: never resend it
                 refused.add(pending[0])
                 self._count("teacher_rejected", str(exc))
-            except Exception as exc:  # noqa: BLE001 - down, 5xx, garbage, evicted key
+            except Exception as exc:  # down, 5xx, garbage, evicted key
                 failures += 1
                 self._count("teacher_failures", f"teacher: {exc}")
                 self.get_logger().warning(f"teacher failed: {exc}",
@@ -336,7 +336,7 @@ class DistillNode(SetupNode):
     def _rollback(self) -> None:
         try:
             self.supervisor.rollback()
-        except Exception as exc:  # noqa: BLE001 - nothing deployed, the depth node refused
+        except Exception as exc:  # nothing deployed, the depth node refused
             self._count("deploy_rejected", f"rollback failed: {exc}")
             self.get_logger().error(f"rollback failed: {exc}")
         self.set_parameters([Parameter("rollback", value=False)])

@@ -13,14 +13,14 @@ import pytest
 pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
-from depthkd_core.cli import main  # noqa: E402
-from depthkd_core.data.readers import SimFolder  # noqa: E402
-from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
-from depthkd_core.geometry.pointcloud import read_ply  # noqa: E402
-from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
-from depthkd_ros.depth_pipeline import PACKAGED_MODEL  # noqa: E402
-from depthkd_core.online.supervisor import checkpoint_for  # noqa: E402
-from helpers import ros_domain  # noqa: E402
+from depthkd_core.cli import main
+from depthkd_core.data.readers import SimFolder
+from depthkd_core.runtime import OnnxDepthModel
+from depthkd_core.geometry.pointcloud import read_ply
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL
+from depthkd_core.online.supervisor import checkpoint_for
+from helpers import ros_domain
 
 DEMO_DOMAIN, BENCH_DOMAIN = ros_domain(52), ros_domain(53)
 

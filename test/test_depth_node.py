@@ -26,29 +26,29 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.ros
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.context import Context  # noqa: E402
-from rclpy.exceptions import InvalidParameterValueException  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rcl_interfaces.msg import SetParametersResult  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.context import Context
+from rclpy.exceptions import InvalidParameterValueException
+from rclpy.executors import SingleThreadedExecutor
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from depthkd_core.geometry import Intrinsics, colorize_depth  # noqa: E402
-from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,  # noqa: E402
+from depthkd_core.geometry import Intrinsics, colorize_depth
+from depthkd_ros.conversions import (COLOR_ENCODINGS, camera_info_to_intrinsics,
                                      compressed_to_rgb, depth_image_to_numpy, image_to_numpy,
                                      image_to_rgb, numpy_to_image,
                                      pointcloud2_to_numpy, rgb_to_compressed, rgb_to_image,
                                      stamp_ns)
-from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
-from depthkd_core.inference import (DepthEstimator, EstimatorConfig,  # noqa: E402
+from depthkd_core.runtime import OnnxDepthModel
+from depthkd_core.inference import (DepthEstimator, EstimatorConfig,
                                     build_point_cloud)
-from depthkd_ros.conversions import points_to_pointcloud2  # noqa: E402
-from depthkd_ros.depth_node import DepthNode  # noqa: E402
-from depthkd_ros.depth_pipeline import cloud_message  # noqa: E402
-from depthkd_ros.node_params import matching_reliability  # noqa: E402
-from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,  # noqa: E402
+from depthkd_ros.conversions import points_to_pointcloud2
+from depthkd_ros.depth_node import DepthNode
+from depthkd_ros.depth_pipeline import cloud_message
+from depthkd_ros.node_params import matching_reliability
+from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,
                      write_linear_onnx)
 
 DOMAIN_ID = ros_domain(47)  # unique per test module so parallel runs never cross
@@ -98,7 +98,7 @@ class Harness:
 
         def held() -> bool:
             self.info.publish(info)
-            return self.depth_node._infos.latest() == info  # noqa: SLF001 - test hook
+            return self.depth_node._infos.latest() == info  # test hook
         wait_until(held, what="camera_info to arrive")
 
     def send(self, msg: Image | CompressedImage, info_stamp_offset_ns: int = 0) -> tuple[int, int]:
@@ -200,12 +200,12 @@ def ros(tmp_path_factory: pytest.TempPathFactory) -> Any:
     for name, h in harness.items():
         # input_reliability auto: the harness publishes reliable, so the inputs switch once.
         wait_until(lambda n=nodes[name]: all(i.reliability == "reliable"
-                                             for i in n._inputs),  # noqa: SLF001
+                                             for i in n._inputs),
                    what=f"{name} inputs to match the reliable publishers")
         wait_until(lambda h=h: (h.image.get_subscription_count()
                                 + h.compressed.get_subscription_count())
                    and h.info.get_subscription_count(), what=f"{name} discovery")
-        wait_until(lambda n=nodes[name]: n._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+        wait_until(lambda n=nodes[name]: n._pubs["depth"].get_subscription_count(),
                    what=f"{name} depth subscriber")
     harness["ramp"].set_camera_info(_info(K))
     harness["jpeg"].set_camera_info(_info(K))
@@ -291,7 +291,7 @@ def test_colored_only_when_subscribed(ros: Any) -> None:
     h.wait("depth", h.send(rgb_to_image(_frame(3))))
     assert node.stats.snapshot()["published"]["colored"] == 0  # nobody listened
     h.subscribe("depth/colored", Image)
-    wait_until(lambda: node._pubs["colored"].get_subscription_count(),  # noqa: SLF001
+    wait_until(lambda: node._pubs["colored"].get_subscription_count(),
                what="colored subscriber")
     stamp = h.send(rgb_to_image(_frame(3)))
     colored = h.wait("depth/colored", stamp)
@@ -311,7 +311,7 @@ def test_sparse_lsq_alignment(ros: Any) -> None:
     sparse_pub = h.node.create_publisher(Image, "sparse_depth", QOS)
     try:
         wait_until(lambda: sparse_pub.get_subscription_count()
-                   and node._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+                   and node._pubs["depth"].get_subscription_count(),
                    what="sparse node discovery")
         h.set_camera_info(_info(K))
         rgb = _frame(7)
@@ -321,7 +321,7 @@ def test_sparse_lsq_alignment(ros: Any) -> None:
         ys, xs = np.mgrid[2:H:6, 3:W:7]
         mm[ys, xs] = np.round((2.0 * pred[ys, xs] + 0.5) * 1000.0).astype(np.uint16)
         sparse = numpy_to_image(mm, "16UC1")
-        wait_until(lambda: sparse_pub.publish(sparse) or node._sparse == sparse,  # noqa: SLF001
+        wait_until(lambda: sparse_pub.publish(sparse) or node._sparse == sparse,
                    what="sparse depth to arrive")
         depth = depth_image_to_numpy(h.wait("depth", h.send(rgb_to_image(rgb))))
         # Millimetre rounding of the reference limits the fit to about 1e-3.
@@ -482,7 +482,7 @@ def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
         before = wait_until(lambda: settled(4), what="4 unwanted frames counted")
         assert before["processed"] == before["skipped"] == 0 and before["unwanted"] >= 1
         h.subscribe("depth", Image)
-        wait_until(lambda: node._pubs["depth"].get_subscription_count(),  # noqa: SLF001
+        wait_until(lambda: node._pubs["depth"].get_subscription_count(),
                    what="depth subscriber")
         h.wait("depth", h.send(rgb_to_image(_frame(9))))
         bad = rgb_to_image(_frame(10))
@@ -545,7 +545,7 @@ def test_camera_info_sync_latest_takes_the_newest(ros: Any) -> None:
     ros["executor"].add_node(node)
     h = Harness(ros["context"], ros["executor"], node, ("depth",))
     try:
-        wait_until(lambda: all(i.reliability == "reliable" for i in node._inputs),  # noqa: SLF001
+        wait_until(lambda: all(i.reliability == "reliable" for i in node._inputs),
                    what="/latest inputs to match the reliable publishers")
         h.set_camera_info(_info(K))
         _send_until_back(h, "depth", lambda: h.send(rgb_to_image(_frame(7)),
@@ -616,7 +616,7 @@ def test_points_at_model_resolution_by_default_through_dds(ros: Any) -> None:
     ros["executor"].add_node(node)
     h = Harness(ros["context"], ros["executor"], node, ("depth", "depth/camera_info", "points"))
     try:
-        wait_until(lambda: node._pubs["points"].get_subscription_count(),  # noqa: SLF001
+        wait_until(lambda: node._pubs["points"].get_subscription_count(),
                    what="points subscriber")
         h.set_camera_info(_info(K))
         cloud = _send_until_back(h, "points", lambda: h.send(rgb_to_image(_frame(6))))
@@ -650,7 +650,7 @@ def test_input_reliability_auto_follows_the_publishers(ros: Any) -> None:
     node = DepthNode(context=ros["context"], namespace="auto", parameter_overrides=[
         Parameter("model_path", value=str(ros["models"] / "ramp.onnx")),
         Parameter("model_input_height", value=H), Parameter("model_input_width", value=W)])
-    image = node._inputs[0]  # noqa: SLF001
+    image = node._inputs[0]
     assert node.get_parameter("input_reliability").value == "auto"
     assert image.reliability == "best_effort"  # no publisher yet
     ros["executor"].add_node(node)
@@ -772,7 +772,7 @@ def test_a_frame_in_flight_at_shutdown_ends_quietly(ros: Any) -> None:
         Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
     try:
         rclpy.shutdown(context=context)
-        node._process(rgb_to_image(_frame()), None)  # noqa: SLF001 - the worker's step
+        node._process(rgb_to_image(_frame()), None)  # the worker's step
         totals = node.stats.snapshot()
         assert totals["skipped"] == totals["processed"] == totals["unwanted"] == 0
     finally:
@@ -785,7 +785,7 @@ def test_auto_qos_timer_during_destruction_is_quiet(ros: Any) -> None:
     node = DepthNode(context=ros["context"], namespace="destroyed", parameter_overrides=[
         Parameter("model_path", value=str(ros["models"] / "ramp.onnx"))])
     node.destroy_node()
-    node._match_inputs()  # noqa: SLF001 - the timer's callback, after destruction
+    node._match_inputs()  # the timer's callback, after destruction
 
 
 def test_startup_validation(ros: Any) -> None:

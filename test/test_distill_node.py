@@ -3,8 +3,9 @@
 A tiny teacher (depth = 1 + 4 * red, known per pixel) is served by the real
 KServe v2 app; faults: teacher down at start, answering 500s, slow, killed and back,
 garbage; store full; rollback pushes to a fake depth node that records
-set_parameters, and to the real DepthNode; what is live is read from the depth node. The acceptance test and the node-process
-tests are in test_distill_node_process.py; the shared harness in distill_harness.py.
+set_parameters, and to the real DepthNode; what is live is read from the depth node. The
+acceptance test and the node-process tests are in test_distill_node_process.py; the shared
+harness in distill_harness.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import pytest
 
 pytestmark = pytest.mark.ros
 
-import torch  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
-from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest's pytest_plugins)
-    TOKEN,
+import torch
+from diagnostic_msgs.msg import DiagnosticStatus
+from distill_harness import (  # fixtures ros, teacher_url: conftest's pytest_plugins
     BrokenTeacher,
     Camera,
     FakeDepthNode,
@@ -34,16 +34,16 @@ from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest
     token_file,
     wait_until,
 )
-from helpers import ros_domain, write_linear_onnx  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
+from helpers import ros_domain, write_linear_onnx
+from rclpy.parameter import Parameter
 
-from depthkd_core.online.keyframes import KeyframeStore, StoreFullError  # noqa: E402
-from depthkd_core.online.registry import ModelRegistry  # noqa: E402
-from depthkd_core.online.rounds import RoundState  # noqa: E402
-from depthkd_core.serving.server import create_app  # noqa: E402
-from depthkd_core.serving.transport import BackgroundServer  # noqa: E402
-from depthkd_ros import distill_node as dn  # noqa: E402
-from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_core.online.keyframes import KeyframeStore, StoreFullError
+from depthkd_core.online.registry import ModelRegistry
+from depthkd_core.online.rounds import RoundState
+from depthkd_core.serving.server import create_app
+from depthkd_core.serving.transport import BackgroundServer
+from depthkd_ros import distill_node as dn
+from depthkd_ros.depth_node import DepthNode
 
 DOMAIN_ID = ros_domain(57)
 
@@ -188,7 +188,7 @@ def test_rollback_hot_swaps_the_real_depth_node(ros: Ros, tmp_path: Path) -> Non
     node.set_parameters([Parameter("rollback", value=True)])
     wait_until(lambda: depth.get_parameter("model_path").value == str(v1),
                what="depth node to run the previous model")
-    assert depth._pipeline.model_path == str(v1)  # noqa: SLF001 - swapped, not just set
+    assert depth._pipeline.model_path == str(v1)  # swapped, not just set
     node.set_parameters([Parameter("rollback", value=True)])  # the base is gone: refused
     wait_until(lambda: "does not exist" in node.last_error, what="depth node's reason")
     assert depth.get_parameter("model_path").value == str(v1)
@@ -245,7 +245,7 @@ def _alive_and_collecting(node: dn.DistillNode, cam: Camera, seeds: range) -> No
     start = time.monotonic()
     cam.stream(node, seeds)
     assert time.monotonic() - start < 5.0 * len(seeds), "collection was blocked"
-    assert all(t.is_alive() for t in node._threads)  # noqa: SLF001 - threads survived
+    assert all(t.is_alive() for t in node._threads)  # threads survived
 
 
 def test_slow_teacher_times_out_opens_breaker_and_never_blocks_collection(
@@ -310,4 +310,4 @@ def test_teacher_garbage_is_a_failure_nothing_labelled(ros: Ros, tmp_path: Path)
     assert status["labelled"] == 0 and status["teacher_rejected"] == 0
     assert status["pending_teacher"] == 3 and "not valid JSON" in status["last_error"]
     store = KeyframeStore(tmp_path / "keyframes", writer=False)
-    assert [store.teacher_depth(k) for k in store.keys()] == [None] * 3  # noqa: SIM118
+    assert [store.teacher_depth(k) for k in store.keys()] == [None] * 3

@@ -15,14 +15,13 @@ import pytest
 
 pytestmark = pytest.mark.ros
 
-import torch  # noqa: E402
-from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest's pytest_plugins)
+import torch
+from distill_harness import (  # fixtures ros, teacher_url: conftest's pytest_plugins
     QOS,
     TOKEN,
     Camera,
     FakeDepthNode,
     H,
-    RampTeacher,
     Ros,
     W,
     camera_info,
@@ -33,17 +32,17 @@ from distill_harness import (  # noqa: E402 (fixtures ros, teacher_url: conftest
     wait_until,
     weak_student,
 )
-from rclpy.parameter import Parameter  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
 
-from depthkd_core.models.teacher_base import Teacher  # noqa: E402
-import helpers  # noqa: E402
-from helpers import ros_domain  # noqa: E402
-from depthkd_core.online.keyframes import KeyframeStore  # noqa: E402
-from depthkd_core.serving.server import create_app  # noqa: E402
-from depthkd_core.serving.transport import BackgroundServer  # noqa: E402
-from depthkd_ros.conversions import rgb_to_image  # noqa: E402
-from depthkd_ros.depth_node import DepthNode  # noqa: E402
+from depthkd_core.models.teacher_base import Teacher
+import helpers
+from helpers import ros_domain
+from depthkd_core.online.keyframes import KeyframeStore
+from depthkd_core.serving.server import create_app
+from depthkd_core.serving.transport import BackgroundServer
+from depthkd_ros.conversions import rgb_to_image
+from depthkd_ros.depth_node import DepthNode
 
 DOMAIN_ID, E2E_DOMAIN_ID = ros_domain(58), ros_domain(59)  # one per module / context, so parallel runs never cross
 
@@ -103,7 +102,7 @@ def test_end_to_end_collect_label_finetune_gate_hot_swap(tmp_path: Path) -> None
         cam = ros.camera("e2e")
         depth_msgs: list[Image] = []
         cam.node.create_subscription(Image, "depth", depth_msgs.append, QOS)
-        wait_until(lambda: depth._pubs["depth"].get_subscription_count(), what="depth sub")  # noqa: SLF001
+        wait_until(lambda: depth._pubs["depth"].get_subscription_count(), what="depth sub")
         held_out = range(100, 103)
         before = _live_abs_rel(cam, depth_msgs, held_out)
         with BackgroundServer(create_app(DomainTeacher(), "domain", token=TOKEN)) as url:

@@ -149,7 +149,9 @@ def test_onnx_cost_unresolved_shapes_give_no_macs(tmp_path):
 
 
 def test_reference_is_the_ground_truth_and_needs_no_labels():
-    doubled = lambda images: 2.0 * _predict(images)  # noqa: E731
+    def doubled(images):
+        return 2.0 * _predict(images)
+
     # against itself: perfect; the sample without depth counts too
     same = evaluate_model(_predict, FAKE, max_depth=100.0, progress=False, reference=_predict)
     assert same["count"] == 3 and same["abs_rel"] == 0.0 and same["delta1"] == 1.0

@@ -21,20 +21,20 @@ import yaml
 
 rclpy = pytest.importorskip("rclpy")
 
-from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter_client import AsyncParameterClient
 
-from depthkd_core.data import SimFolder  # noqa: E402
-from depthkd_core.runtime import OnnxDepthModel  # noqa: E402
-from depthkd_core.inference import DepthEstimator  # noqa: E402
-from depthkd_ros.dds import PROFILE_VARIABLES  # noqa: E402
-from depthkd_ros.tools.demo import PACKAGED_SEQUENCE  # noqa: E402
-from depthkd_ros.depth_node import PARAMS  # noqa: E402
-from depthkd_ros.depth_pipeline import PACKAGED_MODEL  # noqa: E402
-from depthkd_ros.tools.harness import CameraPlayer  # noqa: E402
-from helpers import FASTDEPTH, ros_domain, wait_until  # noqa: E402
-from ros_launch import REPO, Workspace, needs_ros_tools  # noqa: E402
+from depthkd_core.data import SimFolder
+from depthkd_core.runtime import OnnxDepthModel
+from depthkd_core.inference import DepthEstimator
+from depthkd_ros.dds import PROFILE_VARIABLES
+from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
+from depthkd_ros.depth_node import PARAMS
+from depthkd_ros.depth_pipeline import PACKAGED_MODEL
+from depthkd_ros.tools.harness import CameraPlayer
+from helpers import FASTDEPTH, ros_domain, wait_until
+from ros_launch import REPO, Workspace, needs_ros_tools
 
 pytestmark = [pytest.mark.ros, needs_ros_tools]
 DOMAIN_ID = ros_domain(45)  # unique per test module so parallel runs never cross

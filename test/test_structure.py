@@ -150,3 +150,18 @@ def test_light_modules_import_nothing_heavy(module: str, forbidden: set[str]) ->
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_source_module_is_over_400_lines() -> None:
+    long = sorted(f"{p.relative_to(REPO)}: {n}" for p in _modules().values()
+                  if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES)
+    assert not long, f"split these (one concept, one module): {long}"
+
+
+def test_the_code_passes_the_committed_ruff_configuration() -> None:
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

@@ -47,7 +47,8 @@ class RealRow:
 class RealBenchConfig:
     """teacher: the reference for agreement. height/width: the frames are evaluated at
     this size (each model resizes to its own input and back, as the live node does).
-    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model, in 5 rounds beside the teacher's."""
+    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model, in 5
+    rounds beside the teacher's."""
 
     teacher: str
     rows: list[RealRow]

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from depthkd_core.losses import attentive_kd, bn_stats, cwd, hu_depth, l1, mse, silog, ssim  # noqa: F401 (they register)
+# imported for their registration in LOSSES
+from depthkd_core.losses import attentive_kd, bn_stats, cwd, hu_depth, l1, mse, silog, ssim  # noqa: F401
 from depthkd_core.losses.common import LOSSES
 
 

@@ -231,7 +231,7 @@ def export_candidate(checkpoint: str | Path, path: Path, height: int, width: int
         if not report.passed:
             return f"ONNX parity failed ({report.summary()})"
         os.replace(tmp, path)
-    except Exception as exc:  # noqa: BLE001 - any exporter failure means no candidate
+    except Exception as exc:  # any exporter failure means no candidate
         return f"ONNX export failed: {exc}"
     finally:
         tmp.unlink(missing_ok=True)

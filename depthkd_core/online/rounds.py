@@ -53,7 +53,7 @@ def hold_lock(path: Path) -> IO[str]:
     another process holds it. The lock lives as long as the returned handle (or the process:
     the kernel drops it when the holder dies, however it dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - the handle is the lock
+    handle = open(path, "a+")  # the handle is the lock
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -190,7 +190,7 @@ def run_round_process(store: Path, init: str | Path, work: Path, config: str, ti
     out_path = work / "result.out"  # a file, not a pipe: a chatty trainer cannot block
     with open(out_path, "w") as out, open(work / "finetune.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True,
-                                preexec_fn=die_with_parent())  # noqa: PLW1509 - see die_with_parent
+                                preexec_fn=die_with_parent())  # see die_with_parent
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None:
             if stop.wait(0.1) or time.monotonic() > deadline:

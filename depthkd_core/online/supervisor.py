@@ -270,7 +270,7 @@ class Supervisor:
             try:
                 self.sync(at_start=True)
                 break
-            except Exception as exc:  # noqa: BLE001 - the depth node is not up yet
+            except Exception as exc:  # the depth node is not up yet
                 if stop.is_set():
                     return
                 self.counts.error(f"cannot read the depth node's model: {exc}")
@@ -279,7 +279,7 @@ class Supervisor:
         while not stop.wait(0.5):
             try:
                 self.run_round(stop)
-            except Exception as exc:  # noqa: BLE001 - a failed round is retried later
+            except Exception as exc:  # a failed round is retried later
                 self.counts.add("round_failures", f"round failed: {exc}")
                 self.log.error(f"fine-tuning round failed: {exc}")
                 stop.wait(self.cfg.retry_pause_s)

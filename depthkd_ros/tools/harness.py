@@ -124,7 +124,7 @@ class NodeProcess:
             args += ["-p", f"{key}:={_ros_value(value)}"]
         env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(domain_id),
                "PYTHONUNBUFFERED": "1"}
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "w")  # closed in stop()
         self.process = subprocess.Popen(args, env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
         self.log_path = log_path
@@ -197,7 +197,7 @@ class Session:
         while self.context.ok():
             try:
                 self.executor.spin_once(timeout_sec=0.05)
-            except Exception:  # noqa: BLE001 - shutdown races end the thread quietly
+            except Exception:  # shutdown races end the thread quietly
                 if not self.context.ok():
                     return
                 raise
