@@ -31,7 +31,10 @@ def require_shared() -> None:
 def ros_domain(base: int) -> int:
     """A ROS_DOMAIN_ID unique to one test module (``base``), shifted by
     DEPTHKD_TEST_DOMAIN_OFFSET so suites run side by side (two checkouts) never cross."""
-    return base + int(os.environ.get("DEPTHKD_TEST_DOMAIN_OFFSET", "0"))
+    domain = base + int(os.environ.get("DEPTHKD_TEST_DOMAIN_OFFSET", "0"))
+    if not 0 <= domain <= 232:  # Fast DDS derives ports from it; beyond 232 a node exits silently
+        raise ValueError(f"ROS_DOMAIN_ID {domain} out of 0..232: lower DEPTHKD_TEST_DOMAIN_OFFSET")
+    return domain
 
 
 # The smallest widths FastDepthNet accepts (skip additions need equal widths).
