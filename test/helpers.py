@@ -86,6 +86,35 @@ def write_bright_nan_onnx(path: Path, threshold: float = 0.5, channel: int = 0) 
     return write(path, threshold, channel)
 
 
+def write_conv_stack_onnx(path: Path, size: tuple[int, int], channels: int = 32, layers: int = 2,
+                          seed: int = 0) -> Path:
+    """A seeded ONNX depth model of fixed ``size`` that costs real inference time (3x3 convs
+    of ``channels`` at full resolution, ~10 ms at 224x224 here) and whose depth follows the
+    image: a synthetic stand-in for a real network where its weights are not the point."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, cin = [], [], "image", 3
+    for i in range(layers):
+        w = (rng.standard_normal((channels, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, w.shape, w.ravel().tolist()))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x, cin = f"r{i}", channels
+    w = (4 * np.abs(rng.standard_normal((1, cin, 1, 1))) / cin).astype(np.float32)
+    inits += [helper.make_tensor("wout", TensorProto.FLOAT, w.shape, w.ravel().tolist()),
+              helper.make_tensor("bout", TensorProto.FLOAT, [1], [1.0])]
+    nodes.append(helper.make_node("Conv", [x, "wout", "bout"], ["depth"]))
+    graph = helper.make_graph(nodes, "conv_stack_depth",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, *size])],
+                              [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, *size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def save_tiny_teacher(path: Path) -> Path:
     """A seeded, untrained ResNet-18 U-Net teacher checkpoint (BatchNorm, gradients): the
     small torch teacher the method tests distil from."""

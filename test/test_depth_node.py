@@ -46,9 +46,9 @@ from depthkd_core.inference import (DepthEstimator, EstimatorConfig,
                                     build_point_cloud)
 from depthkd_ros.conversions import points_to_pointcloud2
 from depthkd_ros.depth_node import DepthNode
-from depthkd_ros.depth_pipeline import cloud_message
+from depthkd_ros.depth_pipeline import SAMPLE_FRAME, cloud_message
 from depthkd_ros.node_params import matching_reliability
-from helpers import (FASTDEPTH, TUM, ros_domain, wait_until, write_bright_nan_onnx,
+from helpers import (ros_domain, wait_until, write_bright_nan_onnx, write_conv_stack_onnx,
                      write_linear_onnx)
 
 DOMAIN_ID = ros_domain(47)  # unique per test module so parallel runs never cross
@@ -59,7 +59,6 @@ K = Intrinsics(fx=60.0, fy=62.0, cx=31.5, cy=23.5, width=W, height=H)
 MIN_D, MAX_D = 1.5, 4.0
 _stamps = itertools.count(1)
 
-needs_fastdepth = pytest.mark.skipif(not FASTDEPTH.is_file(), reason="shared FastDepth missing")
 
 
 class Harness:
@@ -183,11 +182,11 @@ def ros(tmp_path_factory: pytest.TempPathFactory) -> Any:
     nodes = {"ramp": DepthNode(context=context, namespace="ramp", parameter_overrides=common),
              "jpeg": DepthNode(context=context, namespace="jpeg", parameter_overrides=common + [
                  Parameter("input_transport", value="compressed")])}
-    if FASTDEPTH.is_file():
-        nodes["fast"] = DepthNode(context=context, namespace="fast", parameter_overrides=[
-            Parameter("model_path", value=str(FASTDEPTH)),
-            Parameter("output_resolution", value="model"),
-            Parameter("model_input_height", value=224), Parameter("model_input_width", value=224)])
+    # a fixed-size model that takes real time per frame (the newest-frame and hot-swap tests)
+    slow = write_conv_stack_onnx(models / "slow.onnx", (224, 224))
+    nodes["fast"] = DepthNode(context=context, namespace="fast", parameter_overrides=[
+        Parameter("model_path", value=str(slow)), Parameter("output_resolution", value="model"),
+        Parameter("model_input_height", value=224), Parameter("model_input_width", value=224)])
     for node in nodes.values():
         executor.add_node(node)
     harness = {"ramp": Harness(context, executor, nodes["ramp"],
@@ -450,13 +449,11 @@ def test_diagnostics(ros: Any) -> None:
     assert values["model_path"].endswith("ramp.onnx")
 
 
-def _tum_rgb() -> np.ndarray:
+def _scene_rgb() -> np.ndarray:
+    """A bundled indoor frame (the demo sequence's first), as a camera would send it."""
     import cv2
 
-    path = TUM / "tum_color.png"
-    if path.is_file():
-        return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return _frame(6)
+    return cv2.cvtColor(cv2.imread(str(SAMPLE_FRAME), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
@@ -676,11 +673,10 @@ def test_input_reliability_auto_follows_the_publishers(ros: Any) -> None:
             lossy.destroy_node()
 
 
-@needs_fastdepth
 def test_hot_swap_under_a_stream(ros: Any) -> None:
     node: DepthNode = ros["nodes"]["fast"]
     h: Harness = ros["harness"]["fast"]
-    rgb = _tum_rgb()
+    rgb = _scene_rgb()
     K_cam = Intrinsics(525.0, 525.0, (rgb.shape[1] - 1) / 2, (rgb.shape[0] - 1) / 2,
                        rgb.shape[1], rgb.shape[0])
     h.set_camera_info(_info(K_cam))
@@ -718,14 +714,14 @@ def test_hot_swap_under_a_stream(ros: Any) -> None:
             assert not result.successful and reason in result.reason, result.reason
             np.testing.assert_allclose(depth_now(), 2.5)  # the old model still runs
         assert node.get_parameter("model_path").value == str(constant)
-        assert node.set_parameters([Parameter("model_path", value=str(FASTDEPTH))])[0].successful
+        slow = ros["models"] / "slow.onnx"
+        assert node.set_parameters([Parameter("model_path", value=str(slow))])[0].successful
         np.testing.assert_allclose(depth_now(), first, rtol=1e-5)
     finally:
         stop.set()
         streamer.join()
 
 
-@needs_fastdepth
 def _settled(stats: dict) -> dict | None:
     """The counters when every received frame is accounted for (none in flight)."""
     accounted = stats["processed"] + stats["dropped"] + stats["skipped"] + stats["unwanted"]
@@ -735,7 +731,7 @@ def _settled(stats: dict) -> dict | None:
 def test_newest_frame_only_drops_and_counts(ros: Any) -> None:
     node: DepthNode = ros["nodes"]["fast"]
     h: Harness = ros["harness"]["fast"]
-    rgb = _tum_rgb()
+    rgb = _scene_rgb()
     h.set_camera_info(_info(Intrinsics(525.0, 525.0, 319.5, 239.5, rgb.shape[1], rgb.shape[0])))
     before = wait_until(lambda: _settled(node.stats.snapshot()), what="earlier frames to finish")
     stamps = [h.send(rgb_to_image(rgb)) for _ in range(30)]  # far faster than inference
@@ -803,9 +799,8 @@ def test_startup_validation(ros: Any) -> None:
              ({"model_input_height": 64}, ValueError, "both be 0"),
              ({"model_path": "/nonexistent/model.onnx"}, FileNotFoundError, "does not exist"),
              ({"cloud_decimation": 0}, InvalidParameterValueException, "cloud_decimation")]
-    if FASTDEPTH.is_file():
-        cases.append(({"model_path": str(FASTDEPTH), "model_input_height": 256,
-                       "model_input_width": 256}, ValueError, "fixed 224x224"))
+    cases.append(({"model_path": str(ros["models"] / "slow.onnx"), "model_input_height": 256,
+                   "model_input_width": 256}, ValueError, "fixed 224x224"))
     for params, error, match in cases:
         with pytest.raises(error, match=match):
             make(**params)
