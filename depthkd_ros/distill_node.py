@@ -39,11 +39,7 @@ from depthkd_core.online.supervisor import (
     SupervisorConfig,
 )
 from depthkd_core.serving.client import TeacherClient, TeacherRequestError
-from depthkd_ros.conversions import (
-    camera_info_to_intrinsics,
-    compressed_to_rgb,
-    image_to_rgb,
-)
+from depthkd_ros.conversions import camera_info_to_intrinsics, decode_rgb
 from depthkd_ros.depth_pipeline import resolve_model_path
 from depthkd_ros.node_base import NewestFrameWorker, diagnostics
 from depthkd_ros.node_params import (
@@ -177,7 +173,7 @@ class DistillNode(SetupNode):
         self.store_error = ""
         self.teacher_ms: float | None = None
         self.deployed = ""
-        self._lock = threading.Lock()  # pending frame, camera_info
+        self._lock = threading.Lock()  # the newest camera_info
         self._store_lock = threading.Lock()  # the writer store is shared by two threads
         self._info: CameraInfo | None = None
         self._stop = threading.Event()
@@ -227,7 +223,7 @@ class DistillNode(SetupNode):
         try:
             if info is None:
                 raise ValueError("no camera_info received yet")
-            rgb = image_to_rgb(msg) if isinstance(msg, Image) else compressed_to_rgb(msg)
+            rgb = decode_rgb(msg)
             stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
             if not self.selector.accept(rgb, stamp):
                 return

@@ -46,7 +46,7 @@ from depthkd_core.inference import (DepthEstimator, EstimatorConfig,
                                     build_point_cloud)
 from depthkd_ros.conversions import points_to_pointcloud2
 from depthkd_ros.depth_node import DepthNode
-from depthkd_ros.depth_pipeline import SAMPLE_FRAME, cloud_message
+from depthkd_ros.depth_pipeline import cloud_message, sample_frames
 from depthkd_ros.node_params import matching_reliability
 from helpers import (ros_domain, wait_until, write_bright_nan_onnx, write_conv_stack_onnx,
                      write_linear_onnx)
@@ -451,9 +451,7 @@ def test_diagnostics(ros: Any) -> None:
 
 def _scene_rgb() -> np.ndarray:
     """A bundled indoor frame (the demo sequence's first), as a camera would send it."""
-    import cv2
-
-    return cv2.cvtColor(cv2.imread(str(SAMPLE_FRAME), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return sample_frames()[0]
 
 
 def test_counters_add_up_with_and_without_subscribers(ros: Any) -> None:
