@@ -25,6 +25,7 @@ from pathlib import Path
 from depthkd_core.atomic import atomic_open
 from depthkd_core.bench.cache import file_sha256
 from depthkd_core.config import load_config
+from depthkd_core.models.config import ModelConfig
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
 
@@ -37,6 +38,11 @@ class StudentRecipe:
     (``model.pretrained`` = teacher; a FastDepth student of a FastDepth teacher).
     train: false skips distillation: the initial student is exported as it is (with
     init_from_teacher, the teacher at the student's resolution: the baseline).
+    prune_ratios: {stride: fraction} (with init_from_teacher, a FastDepth student): the
+    student is the teacher with each layer at that feature stride (2..32) cut to that
+    fraction of its channels (multiples of 8; a stride not given keeps all), the channels
+    that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
+    the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning.
     sim_*: the transfer set (style, frames, seed, rendered size); val_*: held-out
     simulated frames (another seed) that judge the student before it ships.
     export_height/width: the ONNX input size (the live node's model input)."""
@@ -45,6 +51,8 @@ class StudentRecipe:
     distill: str
     overrides: list[str] = field(default_factory=list)
     init_from_teacher: bool = False
+    prune_ratios: dict[int, float] = field(default_factory=dict)
+    prune_images: int = 64
     train: bool = True
     sim_style: str = "target"
     sim_frames: int = 2000
@@ -64,6 +72,14 @@ class StudentRecipe:
                              f"{self.val_frames}")
         if self.val_seed == self.sim_seed:
             raise ValueError("val_seed must differ from sim_seed: held-out frames are other frames")
+        self.prune_ratios = {int(k): float(v) for k, v in self.prune_ratios.items()}
+        if any(not 0.0 < v <= 1.0 for v in self.prune_ratios.values()):
+            raise ValueError(f"prune_ratios must be in (0, 1], got {self.prune_ratios}")
+        if self.prune_ratios and not self.init_from_teacher:
+            raise ValueError("prune_ratios prune the teacher's weights: they need "
+                             "init_from_teacher: true")
+        if self.prune_images < 1:
+            raise ValueError(f"prune_images must be >= 1, got {self.prune_images}")
 
 
 def simulated_set(style: str, n: int, seed: int, height: int, width: int, workers: int,
@@ -124,6 +140,8 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         overrides.append(f"model.pretrained={recipe.teacher}")
     cfg = load_distill_config(recipe.distill, overrides)
     cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
+    if recipe.prune_ratios:
+        cfg = replace(cfg, model=pruned_teacher(cfg.model, recipe, train, out / "pruned.pt"))
     resumed = bool(checkpoints(Path(cfg.out_dir)))
     if recipe.train:
         final = distill(cfg)
@@ -141,6 +159,8 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
                           recipe.sim_width)
     provenance = {
         "made_by": "depthkd make-student", "command": command,
+        # what the ONNX was exported from (online.supervisor.checkpoint_for reads it)
+        "checkpoint": "student.pt",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
         "teacher": {"file": Path(recipe.teacher).name, "path": recipe.teacher,
                     "sha256": file_sha256(recipe.teacher)},
@@ -158,6 +178,33 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     with atomic_open(out / "student.json", "w") as f:
         f.write(json.dumps(provenance, indent=1) + "\n")
     return out
+
+
+def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, path: Path) -> ModelConfig:
+    """The student's ModelConfig, starting from ``path``: the teacher (``model_cfg``, which
+    imports it) pruned to ``recipe.prune_ratios`` on the first transfer frames, at the
+    student's input size. Pruning is deterministic; an existing ``path`` is reused."""
+    import torch
+
+    from depthkd_core.data import build_reader
+    from depthkd_core.models import build_model, load_checkpoint, save_checkpoint
+    from depthkd_core.models.prune import prune_fastdepth, widths_by_stride
+    from depthkd_core.models.teacher_base import resize
+
+    if model_cfg.name != "fastdepth":
+        raise ValueError(f"prune_ratios apply to a fastdepth student, not '{model_cfg.name}'")
+    if not path.is_file():
+        teacher = build_model(model_cfg)
+        frames = build_reader("sim", data)
+        images = torch.stack([torch.from_numpy(frames[i].rgb).permute(2, 0, 1).float() / 255.0
+                              for i in range(min(recipe.prune_images, len(frames)))])
+        size = model_cfg.input_size or (recipe.sim_height // 32 * 32, recipe.sim_width // 32 * 32)
+        pruned = prune_fastdepth(teacher, *widths_by_stride(teacher, recipe.prune_ratios),
+                                 resize(images, size))
+        save_checkpoint(path, pruned, pruned.cfg, prune_ratios=recipe.prune_ratios,
+                        prune_images=len(images))
+    _, cfg, _ = load_checkpoint(path)
+    return replace(cfg, pretrained=str(path))
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

@@ -48,6 +48,7 @@ def test_make_student_end_to_end(workdir: Path, monkeypatch: pytest.MonkeyPatch,
     assert provenance["data"] == {"kind": "simulated only", "style": "target", "frames": 6, "seed": 1,
                                   "size": [64, 64]}
     assert provenance["command"].startswith("depthkd make-student --config tiny.yaml")
+    assert provenance["checkpoint"] == "student.pt"
     assert provenance["student"]["onnx_sha256"] == sha256(workdir / "installed" / "student.onnx")
     held_out = provenance["held_out_sim"]
     assert held_out["frames"] == 3 and 0.0 <= held_out["agree_delta1"] <= 1.0

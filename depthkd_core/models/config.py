@@ -24,7 +24,8 @@ class ModelConfig:
     encoder_channels: fastdepth only: the widths of its stem and 13 blocks (None =
         MobileNet v1 1.0); timm encoders take theirs from ``encoder``.
     pretrained: local timm-format weights of the encoder (.pth/.safetensors);
-        fastdepth: a FastDepth ONNX file whose weights initialise the whole model.
+        fastdepth: a FastDepth ONNX file or depthkd checkpoint (e.g. a pruned
+        teacher, models/prune.py) whose weights initialise the whole model.
     input_size: (H, W) the encoder is built for; needed by ViT encoders (fixed
         position embeddings) and used as Swin's reference size; None = any size.
     lgconv_stages: encoder feature stages wrapped in LG-Conv (DisDepth; negative

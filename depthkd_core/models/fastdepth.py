@@ -51,9 +51,13 @@ class CappedReLU(nn.Module):
     def __init__(self, cap: float) -> None:
         super().__init__()
         self.register_buffer("cap", torch.tensor(float(cap)))
+        self.register_buffer("floor", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(F.relu(x), self.cap)
+        # One Clip with constant bounds, which ONNX Runtime fuses into the conv before it;
+        # relu-then-minimum exported a separate Min that broke its blocked (NCHWc) layout
+        # around every layer and cost 0.4x of the teacher's time in reorders.
+        return torch.clamp(x, self.floor, self.cap)
 
 
 class ConvAct(nn.Sequential):
@@ -124,7 +128,7 @@ class FastDepthNet(nn.Module):
 
     def forward_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Depth (at the input size) plus the encoder "features" and "decoder_features"
-        (at the run size), as DepthNet's."""
+        (at the run size; the last stage's at half of it), as DepthNet's."""
         size = tuple(x.shape[-2:])
         if self.cfg.input_size is not None:
             x = resize(x, self.cfg.input_size)
@@ -133,11 +137,16 @@ class FastDepthNet(nn.Module):
         feats = self.encoder(x.clamp(0.0, 1.0))
         y, dec = feats[-1], []
         for i, stage in enumerate(self.decoder, start=1):
-            y = F.interpolate(stage(y), scale_factor=2.0, mode="nearest")
+            y = stage(y)
+            if i < len(self.decoder):
+                y = F.interpolate(y, scale_factor=2.0, mode="nearest")
             if i in SKIPS:
                 y = self.skip_acts[str(i)](y + feats[SKIPS[i]])
             dec.append(y)
-        depth = resize(self.out_act(self.out(y)).clamp_min(self.cfg.min_depth), size)
+        # The 1x1 output conv and its clamp commute with nearest upsampling: applied before
+        # the last x2 they compute the same depth on a quarter of the pixels.
+        depth = F.interpolate(self.out_act(self.out(y)), scale_factor=2.0, mode="nearest")
+        depth = resize(depth.clamp_min(self.cfg.min_depth), size)
         return {"features": feats, "decoder_features": dec, "depth": depth}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,8 +165,17 @@ class FastDepthNet(nn.Module):
 def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
     """FastDepth (MobileNet-NNConv5, Wofk et al. 2019): its own encoder, BN folded, capped ReLUs."""
     model = FastDepthNet(cfg)
-    if cfg.pretrained is not None:
-        import_onnx_weights(model, cfg.pretrained)
+    if cfg.pretrained is None:
+        return model
+    if Path(cfg.pretrained).suffix == ".onnx":
+        return import_onnx_weights(model, cfg.pretrained)
+    # a depthkd checkpoint of these widths, e.g. a pruned teacher (models/prune.py)
+    from .checkpoint import read_checkpoint
+
+    try:
+        model.load_state_dict(read_checkpoint(cfg.pretrained)["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{cfg.pretrained} does not fit this fastdepth's widths: {exc}") from None
     return model
 
 

@@ -1,0 +1,182 @@
+"""Structured channel pruning of a FastDepth network: a narrower FastDepth that keeps the
+channels of the wide one that matter most, with their weights (``prune_fastdepth``).
+
+A student made this way keeps the teacher's input geometry and, channel for channel,
+what the teacher computes; distillation then only has to make up for what was cut.
+Where the teacher is FastDepth and the student must be cheaper at the same input size
+(docs/student.md), this is the student's start instead of a resolution change.
+
+Every activation tensor of the network is a *channel space*: the stem's and each
+block's output (E0..E13) and each decoder stage's (D1..D5; D2, D3, D4 are added to
+E5, E3, E1, so each pair keeps one set of channels). A channel's importance is what
+it passes on: its mean activation on the given images times the weight its
+consumers give it (``|depthwise filter|_1 * |pointwise column|_1`` for a block,
+``|w_c|`` for the output conv), summed over the consumers. The top channels of each
+space are kept, in their original order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from .config import ModelConfig
+from .fastdepth import SKIPS, FastDepthNet
+
+# decoder stage -> the encoder space it shares (the skip additions)
+_SHARED = {f"D{stage}": f"E{block}" for stage, block in SKIPS.items()}
+
+
+def _space(activation: str | None) -> str | None:
+    return None if activation is None else _SHARED.get(activation, activation)
+
+
+def _convs(n_blocks: int, n_stages: int) -> list[tuple[str | None, str | None, bool]]:
+    """(activation read, activation written, depthwise) of every conv, in ``convs_and_caps``
+    order; a decoder stage D2..D4 writes the sum after its skip addition."""
+    convs: list[tuple[str | None, str | None, bool]] = [(None, "E0", False)]
+    for i in range(1, n_blocks + 1):
+        convs += [(f"E{i - 1}", f"E{i - 1}", True), (f"E{i - 1}", f"E{i}", False)]
+    previous = f"E{n_blocks}"
+    for s in range(1, n_stages + 1):
+        convs += [(previous, previous, True), (previous, f"D{s}", False)]
+        previous = f"D{s}"
+    return [*convs, (previous, None, False)]
+
+
+@torch.no_grad()
+def channel_importance(model: FastDepthNet, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Importance of every channel of every space of ``model`` on ``images`` (B,3,H,W)."""
+    was_training = model.training
+    model.eval()
+    out = model.forward_dict(images)
+    model.train(was_training)
+    activations = {f"E{i}": f for i, f in enumerate(out["features"])}
+    activations |= {f"D{s}": f for s, f in enumerate(out["decoder_features"], start=1)}
+    convs, _ = model.convs_and_caps()
+    layout = _convs(len(model.encoder.layers) - 1, len(model.decoder))
+    importance: dict[str, torch.Tensor] = {}
+    for k, (conv, (reads, _, depthwise)) in enumerate(zip(convs, layout)):
+        if depthwise:  # a block or stage: depthwise filter, then the pointwise column
+            weight = conv.weight.abs().flatten(1).sum(1) * convs[k + 1].weight.abs().sum((0, 2, 3))
+        elif k == len(convs) - 1:  # the output conv
+            weight = conv.weight.abs().sum((0, 2, 3))
+        else:
+            continue
+        space = str(_space(reads))
+        importance[space] = importance.get(space, 0) + activations[str(reads)].mean((0, 2, 3)) * weight
+    return importance
+
+
+def prune_fastdepth(model: FastDepthNet, encoder_channels: tuple[int, ...],
+                    decoder_channels: tuple[int, ...], images: torch.Tensor, refit: bool = True,
+                    ridge: float = 1e-4, samples: int = 32768) -> FastDepthNet:
+    """A FastDepthNet of the given (narrower) widths holding ``model``'s most important
+    channels (``channel_importance`` on ``images``), weights and activation caps copied;
+    with ``refit`` its pointwise convs are then refitted to ``model``'s outputs
+    (``_refit_pointwise``)."""
+    cfg: ModelConfig = replace(model.cfg, encoder_channels=tuple(encoder_channels),
+                               decoder_channels=tuple(decoder_channels), pretrained=None)
+    pruned = FastDepthNet(cfg)  # checks the skip widths agree
+    widths = {f"E{i}": c for i, c in enumerate(encoder_channels)}
+    widths |= {f"D{s}": c for s, c in enumerate(decoder_channels, start=1)}
+    have = {f"E{i}": c for i, c in enumerate(model.encoder.channels)}
+    have |= {f"D{s}": m[1][0].out_channels for s, m in enumerate(model.decoder, start=1)}
+    for name, width in widths.items():
+        if width > have[name]:
+            raise ValueError(f"cannot prune {name} from {have[name]} to {width} channels: "
+                             "pruning only removes channels")
+    importance = channel_importance(model, images)
+    keep = {name: torch.sort(torch.topk(score, widths[name]).indices).values
+            for name, score in importance.items()}
+    src_convs, src_caps = model.convs_and_caps()
+    dst_convs, dst_caps = pruned.convs_and_caps()
+    layout = _convs(len(model.encoder.layers) - 1, len(model.decoder))
+    with torch.no_grad():
+        for src, dst, (reads, writes, depthwise) in zip(src_convs, dst_convs, layout):
+            source, target = _space(reads), _space(writes)
+            weight, bias = src.weight, src.bias
+            if target is not None:
+                weight, bias = weight[keep[target]], bias[keep[target]]
+            if source is not None and not depthwise:
+                weight = weight[:, keep[source]]
+            dst.weight.copy_(weight)
+            dst.bias.copy_(bias)
+        for src_cap, dst_cap in zip(src_caps, dst_caps):
+            dst_cap.cap.copy_(src_cap.cap)
+        for key, act in pruned.skip_acts.items():
+            act.cap.copy_(model.skip_acts[key].cap)
+    if refit:
+        _refit_pointwise(model, pruned, keep, images, ridge, samples)
+    return pruned
+
+
+def widths_by_stride(model: FastDepthNet, ratios: dict[int, float], multiple: int = 8
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The widths for ``prune_fastdepth``: every space of ``model`` at ``ratios[stride]`` of
+    its channels (stride of the feature map against the input: 2..32; a stride not given
+    keeps all), rounded to ``multiple`` (at least one), shared skip spaces kept equal.
+    A per-stride cut follows where the time goes: a channel at stride 2 costs 64 times
+    what one at stride 16 does, while the deep, cheap layers carry the global context."""
+    for stride, ratio in ratios.items():
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"prune ratio for stride {stride} must be in (0, 1], got {ratio}")
+
+    def scaled(c: int, stride: int) -> int:
+        ratio = ratios.get(stride, 1.0)
+        return min(c, max(multiple, int(round(c * ratio / multiple)) * multiple))
+
+    encoder = tuple(scaled(c, r) for c, r in zip(model.encoder.channels, model.encoder.reductions))
+    n = len(model.decoder)
+    # decoder stage s is upsampled after it, except the last (the output conv runs first)
+    strides = [model.encoder.reductions[-1] >> min(s, n - 1) for s in range(1, n + 1)]
+    decoder = [scaled(m[1][0].out_channels, r) for m, r in zip(model.decoder, strides)]
+    for stage, block in SKIPS.items():
+        decoder[stage - 1] = encoder[block]
+    return encoder, tuple(decoder)
+
+
+def _conv_outputs(model: FastDepthNet, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output before its activation) of every conv of ``model`` on ``images``."""
+    convs, _ = model.convs_and_caps()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [c.register_forward_hook(lambda _m, args, out: seen.append((args[0], out))) for c in convs]
+    try:
+        model.forward_dict(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@torch.no_grad()
+def _refit_pointwise(model: FastDepthNet, pruned: FastDepthNet, keep: dict[str, torch.Tensor],
+                     images: torch.Tensor, ridge: float, samples: int) -> None:
+    """Refit every pointwise conv of ``pruned`` (and its output conv), in graph order, so
+    that it reproduces ``model``'s conv output at the kept channels from the inputs the
+    pruned network actually gives it: least squares on ``samples`` random pixels of
+    ``images``, with a ``ridge`` relative to the inputs' mean energy. What pruning removed
+    from a layer's input is made up from what is left, layer by layer (a distillation of
+    each layer), before any end-to-end training."""
+    model.eval()
+    pruned.eval()
+    teacher_outputs = [out for _, out in _conv_outputs(model, images)]
+    layout = _convs(len(model.encoder.layers) - 1, len(model.decoder))
+    convs, _ = pruned.convs_and_caps()
+    generator = torch.Generator().manual_seed(0)
+    for k, (conv, (reads, writes, depthwise)) in enumerate(zip(convs, layout)):
+        if reads is None or depthwise:
+            continue  # the stem's RGB input is complete; a depthwise filter has one input
+        x = _conv_outputs(pruned, images)[k][0]
+        target = teacher_outputs[k]
+        if writes is not None:
+            target = target[:, keep[str(_space(writes))]]
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        goal = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+        pick = torch.randperm(rows.shape[0], generator=generator)[:samples]
+        rows = torch.cat([rows[pick], torch.ones(len(pick), 1)], dim=1).double()
+        gram = rows.T @ rows
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        solution = torch.linalg.solve(gram, rows.T @ goal[pick].double()).float()
+        conv.weight.copy_(solution[:-1].T.reshape(conv.weight.shape))
+        conv.bias.copy_(solution[-1])
