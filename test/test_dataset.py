@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from depthkd_core.data import DepthDataset, Frame, build_reader, write_dataset
 from depthkd_core.data.dataset import resize_nearest
 from depthkd_core.geometry import Intrinsics
+from depthkd_core.train.config import DataConfig
 
 K = Intrinsics(fx=50.0, fy=52.0, cx=30.0, cy=20.0, width=64, height=48)
 
@@ -89,3 +90,20 @@ def test_simulated_folder_through_dataloader(tmp_path):
 def test_bad_size():
     with pytest.raises(ValueError, match="0x24"):
         DepthDataset([_frame()], 24, 0)
+
+
+def test_jitter_strength_bounds_the_brightness_change():
+    """The mean brightness of a mid-grey frame moves by at most the brightness factor's range."""
+    frame = _frame()
+    frame.rgb[:] = 128
+    plain = DepthDataset([frame], 24, 32)[0]["image"].mean()
+    spread = {}
+    for jitter in (0.0, 0.2, 0.5):
+        ds = DepthDataset([frame], 24, 32, augment=True, jitter=jitter)
+        torch.manual_seed(0)
+        ratios = torch.stack([ds[0]["image"].mean() / plain for _ in range(200)])
+        assert ratios.min() >= 1 - jitter - 1e-6 and ratios.max() <= 1 + jitter + 1e-6
+        spread[jitter] = float(ratios.max() - ratios.min())
+    assert spread[0.0] < 1e-6 < spread[0.2] < spread[0.5]
+    with pytest.raises(ValueError, match="jitter"):
+        DataConfig(root="x", jitter=1.0)

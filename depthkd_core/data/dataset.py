@@ -32,7 +32,7 @@ def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
                       else cv2.INTER_LINEAR)
 
 
-def _colour_jitter(image: torch.Tensor, strength: float = 0.2) -> torch.Tensor:
+def _colour_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation each scaled by U(1 - strength, 1 + strength)."""
     b, c, s = (1 + strength * (2 * torch.rand(3) - 1)).tolist()
     image = image * b
@@ -49,17 +49,19 @@ class DepthDataset(Dataset):
     image (3,H,W) float [0,1]; depth (1,H,W) float metres, 0 invalid (zeros without
     depth); valid (1,H,W) bool; semantic (H,W) int64, -1 without labels;
     intrinsics (4,) float fx fy cx cy for the resized image (zeros when unknown);
-    has_depth bool. ``augment``: horizontal flip (cx mirrored) and mild colour
-    jitter, drawn from torch's RNG so ``torch.manual_seed`` makes them repeatable.
+    has_depth bool. ``augment``: horizontal flip (cx mirrored) and colour jitter of
+    strength ``jitter``, drawn from torch's RNG so ``torch.manual_seed`` makes them
+    repeatable.
     """
 
     def __init__(self, reader: Sequence[Frame], height: int, width: int,
-                 augment: bool = False) -> None:
+                 augment: bool = False, jitter: float = 0.2) -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"DepthDataset size must be positive, got {width}x{height}")
         if len(reader) == 0:
             raise ValueError(f"DepthDataset: reader {type(reader).__name__} has no frames")
         self.reader, self.height, self.width, self.augment = reader, height, width, augment
+        self.jitter = jitter
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -81,6 +83,6 @@ class DepthDataset(Dataset):
                 image, depth, semantic = image.flip(-1), depth.flip(-1), semantic.flip(-1)
                 if K is not None:
                     intrinsics[2] = (w - 1) - intrinsics[2]
-            image = _colour_jitter(image)
+            image = _colour_jitter(image, self.jitter)
         return {"image": image, "depth": depth, "valid": depth > 0, "semantic": semantic,
                 "intrinsics": intrinsics, "has_depth": torch.tensor(has_depth)}

@@ -26,6 +26,8 @@ class DataConfig:
     height / width: network input, multiples of 32 (DepthNet's stride); the
     default 256x320 is the nearest to a 240x320 camera.
     limit: use only the first N training frames.
+    augment: horizontal flips and colour jitter; jitter: its strength s (brightness,
+    contrast and saturation each scaled by U(1 - s, 1 + s); 0 < s < 1).
     """
 
     root: str
@@ -33,6 +35,7 @@ class DataConfig:
     height: int = 256
     width: int = 320
     augment: bool = True
+    jitter: float = 0.2
     val_root: str | None = None
     val_reader: str | None = None
     limit: int | None = None
@@ -44,6 +47,8 @@ class DataConfig:
         if self.height % 32 or self.width % 32 or min(self.height, self.width) < 32:
             raise ValueError(f"data.height/width must be positive multiples of 32, "
                              f"got {self.height}x{self.width}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"data.jitter must be in [0, 1), got {self.jitter}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {self.limit}")
 
