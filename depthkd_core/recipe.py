@@ -43,8 +43,11 @@ class StudentRecipe:
     fraction of its channels (multiples of 8; a stride not given keeps all), the channels
     that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
     the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning.
-    sim_*: the transfer set (style, frames, seed, rendered size); val_*: held-out
-    simulated frames (another seed) that judge the student before it ships.
+    sim_*: the transfer set (style, or styles joined by "+", frames, seed, rendered
+    size); val_*: held-out simulated frames (another seed) that judge the student before
+    it ships. judge_styles: styles whose own held-out frames also judge it, one by one
+    (agreement on a look it was not trained on: the simulator's stand-in for a camera it
+    never saw; ``held_out_by_style`` in the provenance).
     export_height/width: the ONNX input size (the live node's model input)."""
 
     teacher: str
@@ -62,6 +65,7 @@ class StudentRecipe:
     sim_workers: int = 2
     val_frames: int = 100
     val_seed: int = 1000
+    judge_styles: list[str] = field(default_factory=list)
     export_height: int = 96
     export_width: int = 128
     out_dir: str = "runs/student/fastdepth"
@@ -157,6 +161,12 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     copy_atomic(final, out / "student.pt")
     figures = sim_figures(out / "student.onnx", recipe.teacher, val, recipe.sim_height,
                           recipe.sim_width)
+    by_style = {style: sim_figures(out / "student.onnx", recipe.teacher,
+                                   simulated_set(style, recipe.val_frames, recipe.val_seed,
+                                                 recipe.sim_height, recipe.sim_width,
+                                                 recipe.sim_workers),
+                                   recipe.sim_height, recipe.sim_width)
+                for style in recipe.judge_styles}
     provenance = {
         "made_by": "depthkd make-student", "command": command,
         # what the ONNX was exported from (online.supervisor.checkpoint_for reads it)
@@ -171,6 +181,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         "data": {"kind": "simulated only", "style": recipe.sim_style, "frames": recipe.sim_frames,
                  "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
         "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},
+        "held_out_by_style": by_style,
         "recipe": asdict(recipe), "wall_time_s": round(time.monotonic() - start, 1),
         # a resumed run's wall time leaves out the steps of earlier runs
         "resumed": resumed,
@@ -233,6 +244,7 @@ def run_cli(args: argparse.Namespace) -> int:
     out = make_student(recipe, command_line(args.config, args.overrides, args.install))
     summary = json.loads((out / "student.json").read_text())
     print(json.dumps({"out": str(out), "held_out_sim": summary["held_out_sim"],
+                      "held_out_by_style": summary["held_out_by_style"],
                       "wall_time_s": summary["wall_time_s"]}, indent=1))
     if args.install is not None:
         install(out, args.install)

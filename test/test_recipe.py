@@ -32,6 +32,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             "optim.batch_size=2"],
               "init_from_teacher": True, "sim_frames": 6, "sim_workers": 1, "sim_height": 64,
               "sim_width": 64, "val_frames": 3, "export_height": 32, "export_width": 32,
+              "judge_styles": ["indoor"],
               "out_dir": "runs/student/tiny"}
     (root / "tiny.yaml").write_text(json.dumps(recipe))
     return root
@@ -52,6 +53,10 @@ def test_make_student_end_to_end(workdir: Path, monkeypatch: pytest.MonkeyPatch,
     assert provenance["student"]["onnx_sha256"] == sha256(workdir / "installed" / "student.onnx")
     held_out = provenance["held_out_sim"]
     assert held_out["frames"] == 3 and 0.0 <= held_out["agree_delta1"] <= 1.0
+    other = provenance["held_out_by_style"]["indoor"]  # a look it was not trained on
+    assert other["frames"] == 3 and 0.0 <= other["agree_delta1"] <= 1.0
+    assert json.loads((workdir / "runs" / "data" / "indoor_s1000_n3_64x64" / "meta.json").read_text()
+                      )["style"] == "indoor"
     for name in ("student.onnx", "student.pt", "student.json"):
         assert (workdir / "installed" / name).read_bytes() == (out / name).read_bytes()
     # the ONNX runs at the export size; the checkpoint is the trained student (step 3)

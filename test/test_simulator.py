@@ -137,6 +137,19 @@ def test_write_dataset_round_trip(tmp_path):
         assert frame.intrinsics == ref.intrinsics
 
 
+def test_a_joined_style_alternates_its_styles_frame_by_frame(tmp_path):
+    out = write_dataset(tmp_path / "mixed", "target+indoor", 4, height=24, width=32, seed=7,
+                        workers=1)
+    assert json.loads((out / "meta.json").read_text())["style"] == "target+indoor"
+    for i, frame in enumerate(SimFolder(out)):
+        ref = render_frame(("target", "indoor")[i % 2], frame_seed(7, i), 24, 32)
+        np.testing.assert_array_equal(frame.rgb, ref.rgb)
+    with pytest.raises(ValueError, match="one style"):
+        write_dataset(tmp_path / "clip", "target+indoor", 4, height=24, width=32, sequence=True)
+    with pytest.raises(ValueError, match="unknown style"):
+        write_dataset(tmp_path / "bad", "target+nope", 4, height=24, width=32)
+
+
 def test_write_sequence_stores_the_clip(tmp_path):
     out = write_dataset(tmp_path / "clip", "target", 4, height=24, width=32, seed=3,
                         sequence=True)

@@ -111,16 +111,22 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
 
     Frame i equals ``render_frame(style, frame_seed(seed, i), height, width)``, or with
     ``sequence`` frame i of ``render_sequence(style, seed, n, height, width)`` (a clip).
+    ``style`` may join several with "+" ("target+indoor"): frame i is then in style
+    ``i % k``, a transfer set that spans k looks (not for a sequence).
     """
     _check_size(height, width)
-    style_obj = get_style(style)
+    styles = [get_style(name) for name in style.split("+")] if isinstance(style, str) else [get_style(style)]
+    style_obj = styles[0]
+    if sequence and len(styles) > 1:
+        raise ValueError(f"a sequence is one clip in one style, got {style!r}")
     if n < 1:
         raise ValueError(f"a dataset needs n >= 1 frames, got {n}")
     out = Path(out_dir)
     for sub in ("rgb", "depth", "semantic", "instance"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    tasks = [(out, style_obj.name, seed, i, height, width) for i in range(n)]
-    progress = dict(total=n, desc=f"simulate {style_obj.name}", unit="frame")
+    name = "+".join(st.name for st in styles)
+    tasks = [(out, styles[i % len(styles)].name, seed, i, height, width) for i in range(n)]
+    progress = dict(total=n, desc=f"simulate {name}", unit="frame")
     if sequence:
         frames = render_sequence(style_obj, seed, n, height, width)
         cams = [_store_frame(out, i, f) for i, f in enumerate(tqdm(frames, **progress))]
@@ -134,7 +140,7 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
     else:
         intrinsics = {"frames": {f"{i:06d}": c for i, c in enumerate(cams)}}
     (out / "intrinsics.json").write_text(json.dumps(intrinsics, indent=1))
-    meta = {"format": "depthkd-sim", "version": LAYOUT_VERSION, "style": style_obj.name,
+    meta = {"format": "depthkd-sim", "version": LAYOUT_VERSION, "style": name,
             "n": n, "seed": seed, "sequence": sequence, "height": height, "width": width,
             "depth_scale": DEPTH_SCALE,
             "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
@@ -144,7 +150,9 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--style", choices=sorted(STYLES), required=True)
+    parser.add_argument("--style", required=True,
+                        help=f"{', '.join(sorted(STYLES))}, or several joined by + "
+                             "(frame i in the (i mod k)-th)")
     parser.add_argument("--n", type=int, required=True, help="number of frames")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--height", type=int, default=240)
