@@ -152,3 +152,33 @@ def test_fastdepth_weights_import_into_the_student_architecture() -> None:
     depth = model.eval()(torch.from_numpy(x)).detach().numpy()
     assert np.abs(depth - np.clip(runtime, 0.1, 10.0)).max() < 1e-4
     assert sum(p.numel() for p in model.parameters()) == 1_352_225
+
+
+def test_export_fuses_each_activation_and_upsamples_depth_last(tmp_path: Path) -> None:
+    """Each capped ReLU exports as one Clip with constant bounds (ONNX Runtime fuses it into
+    the conv; a separate Min broke its blocked layout), and the output conv runs before the
+    last x2 upsampling, which gives the same depth as after it."""
+    import torch.nn.functional as F
+
+    from depthkd_core.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = _tiny().eval()
+    x = torch.rand(2, 3, 64, 64)
+    out = model.forward_dict(x)
+    last = out["decoder_features"][-1]
+    assert last.shape[-1] == 32  # the last stage's features, at half the input size
+    upsampled = F.interpolate(last, scale_factor=2.0, mode="nearest")
+    reference = model.out_act(model.out(upsampled)).clamp_min(model.cfg.min_depth)
+    torch.testing.assert_close(out["depth"], reference, rtol=0, atol=0)
+    path = tmp_path / "fd.onnx"
+    assert export_onnx(model, path, 64, 64).passed
+    graph = onnx.load(str(path)).graph
+    ops = [node.op_type for node in graph.node]
+    # one per conv, per skip addition, the input's [0, 1] and the output's min_depth
+    assert "Min" not in ops and ops.count("Clip") == len(model.convs_and_caps()[1]) + 3 + 2
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                     for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Clip":
+            assert all(name in constants for name in node.input[1:] if name), node.name
