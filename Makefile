@@ -45,9 +45,9 @@ demo-assets: venv
 
 # The packaged student (depthkd_ros/models/student.onnx/.pt/.json) from the real teacher
 # in ../shared/models/fastdepth, through simulated images only (docs/student.md; about
-# 30 minutes on 2 CPU cores, resumable: run it again after an interruption).
+# 18 minutes on 2 CPU cores, resumable: run it again after an interruption).
 student: venv
-	OMP_NUM_THREADS=1 $(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
+	$(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
 
 # The real-frame table of docs/student.md (runs the missing recipes first).
 bench-real: venv
