@@ -68,7 +68,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     # Newest-frame-only may drop frames under load, but most must come through.
     assert summary["frames_received"]["depth"] >= frames // 2
     assert summary["frames_received"]["points"] >= 1
-    # The packaged student was trained on this domain: it must be clearly useful.
+    # The packaged student copies FastDepth (0.23 on this rendered clip; a random net is
+    # above 0.5): it must be as useful here as its teacher.
     assert summary["accuracy_vs_ground_truth"]["abs_rel"] < 0.25
     panel = cv2.imread(str(out / "demo.png"))
     h, w = SimFolder(PACKAGED_SEQUENCE)[0].rgb.shape[:2]
