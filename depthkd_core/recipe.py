@@ -107,15 +107,17 @@ def _git_commit() -> str | None:
         return None
 
 
-def sim_figures(student_onnx: Path, teacher: str, data: Path, height: int,
-                width: int) -> dict[str, float]:
-    """Agreement with the teacher and accuracy against the rendered depth on held-out frames
-    (bench-real's ``judge``, one pass over the frames)."""
+def sim_figures(student_onnx: Path, teacher: str, sets: dict[str, Path], height: int,
+                width: int) -> dict[str, dict[str, float]]:
+    """Per named folder of held-out frames: agreement with the teacher and accuracy against
+    the rendered depth (bench-real's ``judge``; both models loaded once)."""
     from depthkd_core.evaluate.judge import RealSet, frames_of, judge
     from depthkd_core.models.teachers import load_teacher
 
-    frames = frames_of(RealSet("held_out", "sim", str(data)), height, width)
-    return judge(load_teacher(student_onnx), load_teacher(teacher), frames, 0.1, 10.0)
+    student, reference = load_teacher(student_onnx), load_teacher(teacher)
+    return {name: judge(student, reference, frames_of(RealSet(name, "sim", str(data)), height, width),
+                        0.1, 10.0)
+            for name, data in sets.items()}
 
 
 def command_line(config: Path | str, overrides: list[str], install: Path | None = None) -> str:
@@ -159,14 +161,12 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     if not report.passed:
         raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
     copy_atomic(final, out / "student.pt")
-    figures = sim_figures(out / "student.onnx", recipe.teacher, val, recipe.sim_height,
-                          recipe.sim_width)
-    by_style = {style: sim_figures(out / "student.onnx", recipe.teacher,
-                                   simulated_set(style, recipe.val_frames, recipe.val_seed,
-                                                 recipe.sim_height, recipe.sim_width,
-                                                 recipe.sim_workers),
-                                   recipe.sim_height, recipe.sim_width)
+    held_out = {style: simulated_set(style, recipe.val_frames, recipe.val_seed, recipe.sim_height,
+                                     recipe.sim_width, recipe.sim_workers)
                 for style in recipe.judge_styles}
+    by_style = sim_figures(out / "student.onnx", recipe.teacher, {"held_out": val, **held_out},
+                           recipe.sim_height, recipe.sim_width)
+    figures = by_style.pop("held_out")
     provenance = {
         "made_by": "depthkd make-student", "command": command,
         # what the ONNX was exported from (online.supervisor.checkpoint_for reads it)

@@ -124,9 +124,9 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
     out = Path(out_dir)
     for sub in ("rgb", "depth", "semantic", "instance"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    name = "+".join(st.name for st in styles)
+    joined = "+".join(st.name for st in styles)
     tasks = [(out, styles[i % len(styles)].name, seed, i, height, width) for i in range(n)]
-    progress = dict(total=n, desc=f"simulate {name}", unit="frame")
+    progress = dict(total=n, desc=f"simulate {joined}", unit="frame")
     if sequence:
         frames = render_sequence(style_obj, seed, n, height, width)
         cams = [_store_frame(out, i, f) for i, f in enumerate(tqdm(frames, **progress))]
@@ -140,7 +140,7 @@ def write_dataset(out_dir: str | Path, style: str, n: int, height: int = 240, wi
     else:
         intrinsics = {"frames": {f"{i:06d}": c for i, c in enumerate(cams)}}
     (out / "intrinsics.json").write_text(json.dumps(intrinsics, indent=1))
-    meta = {"format": "depthkd-sim", "version": LAYOUT_VERSION, "style": name,
+    meta = {"format": "depthkd-sim", "version": LAYOUT_VERSION, "style": joined,
             "n": n, "seed": seed, "sequence": sequence, "height": height, "width": width,
             "depth_scale": DEPTH_SCALE,
             "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},

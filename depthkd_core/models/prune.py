@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from torch import nn
 
 from .config import ModelConfig
 from .fastdepth import SKIPS, FastDepthNet
@@ -140,9 +141,9 @@ def widths_by_stride(model: FastDepthNet, ratios: dict[int, float], multiple: in
     return encoder, tuple(decoder)
 
 
-def _conv_outputs(model: FastDepthNet, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, output before its activation) of every conv of ``model`` on ``images``."""
-    convs, _ = model.convs_and_caps()
+def _conv_io(model: FastDepthNet, convs: list[nn.Conv2d], images: torch.Tensor
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output before its activation) of each of ``convs`` of ``model`` on ``images``."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks = [c.register_forward_hook(lambda _m, args, out: seen.append((args[0], out))) for c in convs]
     try:
@@ -164,14 +165,14 @@ def _refit_pointwise(model: FastDepthNet, pruned: FastDepthNet, keep: dict[str, 
     each layer), before any end-to-end training."""
     model.eval()
     pruned.eval()
-    teacher_outputs = [out for _, out in _conv_outputs(model, images)]
+    teacher_outputs = [out for _, out in _conv_io(model, model.convs_and_caps()[0], images)]
     layout = _convs(len(model.encoder.layers) - 1, len(model.decoder))
     convs, _ = pruned.convs_and_caps()
     generator = torch.Generator().manual_seed(0)
     for k, (conv, (reads, writes, depthwise)) in enumerate(zip(convs, layout)):
         if reads is None or depthwise:
             continue  # the stem's RGB input is complete; a depthwise filter has one input
-        x = _conv_outputs(pruned, images)[k][0]
+        x = _conv_io(pruned, [conv], images)[0][0]
         target = teacher_outputs[k]
         if writes is not None:
             target = target[:, keep[str(_space(writes))]]
