@@ -107,3 +107,42 @@ def test_jitter_strength_bounds_the_brightness_change():
     assert spread[0.0] < 1e-6 < spread[0.2] < spread[0.5]
     with pytest.raises(ValueError, match="jitter"):
         DataConfig(root="x", jitter=1.0)
+
+
+def test_zoom_crops_a_window_and_keeps_every_ray():
+    """A zoomed sample is a window of the frame seen by a longer lens: each output pixel's
+    ray (through the new intrinsics) is the ray of the frame pixel it was taken from."""
+    h, w = 60, 80
+    ys, xs = np.mgrid[0:h, 0:w]
+    frame = Frame(rgb=np.zeros((h, w, 3), np.uint8), depth=(1 + xs + 1000 * ys).astype(np.float32),
+                  intrinsics=Intrinsics(fx=70.0, fy=70.0, cx=39.5, cy=29.5, width=w, height=h))
+    ds = DepthDataset([frame], 30, 40, augment=True, jitter=0.0, zoom=2.0)
+    torch.manual_seed(0)
+    zooms = []
+    for _ in range(20):
+        sample = ds[0]
+        fx, fy, cx, cy = sample["intrinsics"].tolist()
+        code = sample["depth"][0].numpy().astype(np.int64) - 1
+        src_x, src_y = code % 1000, code // 1000
+        u, v = np.meshgrid(np.arange(40), np.arange(30))
+        if (src_x[:, 1:] < src_x[:, :-1]).all():  # flipped: mirror back
+            u = 39 - u
+            cx = 39 - cx
+        # the frame pixel each output pixel came from lies on the same ray (within a pixel)
+        np.testing.assert_allclose((u - cx) / fx * 70 + 39.5, src_x, atol=1.0)
+        np.testing.assert_allclose((v - cy) / fy * 70 + 29.5, src_y, atol=1.0)
+        zooms.append(fx / (70 * 40 / 80))
+    assert 1.0 <= min(zooms) and max(zooms) <= 2.0 + 1e-6 and max(zooms) - min(zooms) > 0.3
+
+
+def test_zoom_one_is_no_zoom_and_bounds_are_checked():
+    frame = _frame()
+    torch.manual_seed(3)
+    a = DepthDataset([frame], 24, 32, augment=True)[0]
+    torch.manual_seed(3)
+    b = DepthDataset([frame], 24, 32, augment=True, zoom=1.0)[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["intrinsics"], b["intrinsics"])
+    with pytest.raises(ValueError, match="zoom"):
+        DepthDataset([frame], 24, 32, zoom=0.5)
+    with pytest.raises(ValueError, match="zoom"):
+        DataConfig(root="x", zoom=8.0)

@@ -109,3 +109,30 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     assert rows["other"]["input"] == "32x32" and rows["self"]["frames"] == 2
     assert 0 < rows["other"]["gt_abs_rel"] and "latency_vs_teacher" in rows["other"]
     assert "agree_delta1_min" in (tmp_path / "o" / "real.md").read_text()
+
+
+def test_every_shipped_recipe_and_bench_row_resolves(monkeypatch):
+    """Each config/student recipe, and each bench-real row's recipe with its overrides, loads
+    and names a distill config that loads with the recipe's overrides: a renamed file or a
+    stale override fails here, not an hour into `make bench-real --make`."""
+    from depthkd_core.bench.real import RealBenchConfig
+    from depthkd_core.config import load_config
+    from depthkd_core.methods.config import load_distill_config
+    from depthkd_core.recipe import StudentRecipe
+
+    monkeypatch.chdir(ROOT)
+    bench = load_config(RealBenchConfig, "config/bench/real.yaml", [])
+    made = [(row.recipe, row.overrides) for row in bench.rows if row.recipe is not None]
+    made += [(str(p.relative_to(ROOT)), []) for p in sorted((ROOT / "config" / "student").glob("*.yaml"))]
+    for path, overrides in made:
+        recipe = load_config(StudentRecipe, path, overrides)
+        cfg = load_distill_config(recipe.distill, recipe.overrides)
+        if recipe.init_from_teacher and cfg.model.input_size is not None:
+            # the network's input is the exported ONNX's (the live node's model input)
+            assert tuple(cfg.model.input_size) == (recipe.export_height, recipe.export_width), path
+    rows = [r for r in bench.rows if r.recipe is not None]
+    # every recipe row writes where its model is read from, and no two rows share a folder
+    for row in rows:
+        recipe = load_config(StudentRecipe, row.recipe, row.overrides)
+        assert Path(row.model).parent == Path(recipe.out_dir), row.name
+    assert len({load_config(StudentRecipe, r.recipe, r.overrides).out_dir for r in rows}) == len(rows)

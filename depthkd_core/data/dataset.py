@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -43,31 +44,54 @@ def _colour_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
     return image.clamp(0.0, 1.0)
 
 
+def _zoomed(frame: Frame, zoom: float, where: list[float]) -> Frame:
+    """``frame`` cropped to 1/``zoom`` of its width and height, the window placed at
+    fractions ``where`` (x, y) of the room left: what a camera of ``zoom`` times the focal
+    length sees (the caller resizes it back up)."""
+    fh, fw = frame.rgb.shape[:2]
+    ch, cw = max(1, round(fh / zoom)), max(1, round(fw / zoom))
+    x0, y0 = int(where[0] * (fw - cw)), int(where[1] * (fh - ch))
+    window = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+    return replace(
+        frame, rgb=frame.rgb[window],
+        depth=None if frame.depth is None else frame.depth[window],
+        semantic=None if frame.semantic is None else frame.semantic[window],
+        instance=None if frame.instance is None else frame.instance[window],
+        intrinsics=None if frame.intrinsics is None else frame.intrinsics.cropped(x0, y0, cw, ch))
+
+
 class DepthDataset(Dataset):
     """Frames of ``reader`` resized to ``height`` x ``width``, as a dict of tensors:
 
     image (3,H,W) float [0,1]; depth (1,H,W) float metres, 0 invalid (zeros without
     depth); valid (1,H,W) bool; semantic (H,W) int64, -1 without labels;
     intrinsics (4,) float fx fy cx cy for the resized image (zeros when unknown);
-    has_depth bool. ``augment``: horizontal flip (cx mirrored) and colour jitter of
-    strength ``jitter``, drawn from torch's RNG so ``torch.manual_seed`` makes them
+    has_depth bool. ``augment``: horizontal flip (cx mirrored), colour jitter of
+    strength ``jitter`` and, with ``zoom`` > 1, a zoom by a factor z drawn log-uniformly
+    from [1, zoom]: a random window of 1/z of the frame's width and height, at the same
+    aspect, resized to the output size (depth and semantics cropped alike, intrinsics
+    cropped then scaled). All drawn from torch's RNG, so ``torch.manual_seed`` makes them
     repeatable.
     """
 
     def __init__(self, reader: Sequence[Frame], height: int, width: int,
-                 augment: bool = False, jitter: float = 0.2) -> None:
+                 augment: bool = False, jitter: float = 0.2, zoom: float = 1.0) -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"DepthDataset size must be positive, got {width}x{height}")
         if len(reader) == 0:
             raise ValueError(f"DepthDataset: reader {type(reader).__name__} has no frames")
+        if not 1.0 <= zoom <= 4.0:
+            raise ValueError(f"DepthDataset zoom must be in [1, 4], got {zoom}")
         self.reader, self.height, self.width, self.augment = reader, height, width, augment
-        self.jitter = jitter
+        self.jitter, self.zoom = jitter, zoom
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         frame = self.reader[index]
+        if self.augment and self.zoom > 1.0:
+            frame = _zoomed(frame, float(self.zoom ** torch.rand(())), torch.rand(2).tolist())
         h, w = self.height, self.width
         image = torch.from_numpy(resize_rgb(frame.rgb, h, w)).permute(2, 0, 1).float() / 255.0
         has_depth = frame.depth is not None

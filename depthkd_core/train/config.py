@@ -27,7 +27,10 @@ class DataConfig:
     default 256x320 is the nearest to a 240x320 camera.
     limit: use only the first N training frames.
     augment: horizontal flips and colour jitter; jitter: its strength s (brightness,
-    contrast and saturation each scaled by U(1 - s, 1 + s); 0 < s < 1).
+    contrast and saturation each scaled by U(1 - s, 1 + s); 0 < s < 1); zoom: with
+    augment, crop a window of 1/z of the frame (z log-uniform in [1, zoom]; 1: never)
+    and resize it back, as a longer lens would see it. For a teacher's labels the zoomed
+    image is as valid as any other; a simulator's metric depth is still the depth there.
     """
 
     root: str
@@ -36,6 +39,7 @@ class DataConfig:
     width: int = 320
     augment: bool = True
     jitter: float = 0.2
+    zoom: float = 1.0
     val_root: str | None = None
     val_reader: str | None = None
     limit: int | None = None
@@ -49,6 +53,8 @@ class DataConfig:
                              f"got {self.height}x{self.width}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"data.jitter must be in [0, 1), got {self.jitter}")
+        if not 1.0 <= self.zoom <= 4.0:
+            raise ValueError(f"data.zoom must be in [1, 4], got {self.zoom}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {self.limit}")
 

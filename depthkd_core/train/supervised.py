@@ -20,7 +20,8 @@ from depthkd_core.train.trainer import StepFn, Trainer, seed_everything
 def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset | None]:
     """Training set (augmented, first ``limit`` frames) and optional validation set."""
     train: Dataset = DepthDataset(build_reader(data.reader, data.root), data.height, data.width,
-                                  augment=data.augment, jitter=data.jitter)
+                                  augment=data.augment, jitter=data.jitter,
+                                  zoom=data.zoom)
     if data.limit is not None:
         train = Subset(train, range(min(data.limit, len(train))))
     val = None
