@@ -19,11 +19,12 @@ from depthkd_core.methods.config import DistillConfig, load_distill_config
 from depthkd_core.methods.datafree import DatafreeConfig, check_g_teacher
 from depthkd_core.methods.deepinversion import invert_batch
 from depthkd_core.methods.engine import IndexOnly, build_method
+from depthkd_core.methods.kd_features import feature_maps, hint_loss
 from depthkd_core.models import (load_checkpoint, load_teacher)
 from depthkd_core.models.transform_net import TransformationNet
 from depthkd_core.train.supervised import build_datasets
 from depthkd_core.train.trainer import Trainer
-from helpers import save_tiny_fastdepth_onnx, save_tiny_teacher
+from helpers import TINY_FASTDEPTH, save_tiny_fastdepth_onnx, save_tiny_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "config" / "distill" / "tiny.yaml"
@@ -234,3 +235,43 @@ def test_bench_transform_cli(assets: dict[str, Path], capsys: pytest.CaptureFixt
     result = json.loads(out.read_text())
     assert result["g_steps"] == 2 and result["inversion_iterations"] <= 3
     assert result["bn_g"] > 0 and result["g_forward_s"] > 0
+
+
+def _fastdepth_cfg(assets: dict[str, Path], teacher: Path, *overrides: str) -> DistillConfig:
+    widths = [f"model.{k}=[{','.join(map(str, v))}]" for k, v in TINY_FASTDEPTH.items()]
+    return _cfg(assets, f"teacher={teacher}", "method=kd_features", "model.name=fastdepth",
+                f"model.pretrained={teacher}", *widths, *overrides)
+
+
+def test_kd_features_holds_the_student_to_the_teacher_maps(assets: dict[str, Path], onnx_teacher: Path) -> None:
+    """The teacher itself at the teacher's input scores 0 on both terms; at a smaller input
+    it does not, and one step moves only the student, hints reaching its encoder."""
+    same, student = build_method(_fastdepth_cfg(assets, onnx_teacher))
+    batch = _batch(same.cfg)
+    with torch.no_grad():
+        losses = same.step(student, batch)
+    assert float(losses["hints"]) < 1e-10 and float(losses["kd"]) < 1e-4
+    smaller, student = build_method(_fastdepth_cfg(assets, onnx_teacher, "model.input_size=[32,32]",
+                                                   "method_kwargs.layers=[E13,D1]"))
+    assert float(smaller.step(student, batch)["hints"]) > 1e-4
+    with torch.no_grad():
+        target = smaller.feature_teacher.forward_dict(batch["image"])
+    hints = hint_loss(feature_maps(student.forward_dict(batch["image"]), ("E5",)),
+                      feature_maps(target, ("E5",)))
+    grads = torch.autograd.grad(hints, list(student.encoder.parameters()), allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    assert all(g is None for g in torch.autograd.grad(hints, list(student.decoder.parameters()),
+                                                       allow_unused=True))
+    teacher_before = _snapshot(smaller.feature_teacher)
+    Trainer(student, smaller.step, build_datasets(smaller.cfg.data)[0], smaller.cfg)._update(batch)
+    assert not _changed(teacher_before, smaller.feature_teacher)
+
+
+def test_kd_features_refuses_what_it_cannot_hold(assets: dict[str, Path], onnx_teacher: Path) -> None:
+    with pytest.raises(ValueError, match="fastdepth student"):
+        build_method(_cfg(assets, f"teacher={onnx_teacher}", "method=kd_features"))
+    with pytest.raises(ValueError, match="student's own widths"):  # a pruned student
+        build_method(_fastdepth_cfg(assets, onnx_teacher, "model.pretrained=null",
+                                    "model.decoder_channels=[8,8,8,8,16]"))
+    with pytest.raises(ValueError, match="layers"):
+        build_method(_fastdepth_cfg(assets, onnx_teacher, "method_kwargs.layers=[E99]"))

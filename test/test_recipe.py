@@ -136,3 +136,13 @@ def test_every_shipped_recipe_and_bench_row_resolves(monkeypatch):
         recipe = load_config(StudentRecipe, row.recipe, row.overrides)
         assert Path(row.model).parent == Path(recipe.out_dir), row.name
     assert len({load_config(StudentRecipe, r.recipe, r.overrides).out_dir for r in rows}) == len(rows)
+
+
+def test_every_distill_config_loads_with_its_method_options():
+    from depthkd_core.config import from_dict
+    from depthkd_core.methods import METHODS
+    from depthkd_core.methods.config import load_distill_config
+
+    for path in sorted((ROOT / "config" / "distill").glob("*.yaml")):
+        cfg = load_distill_config(path)
+        from_dict(METHODS.get(cfg.method).Config, cfg.method_kwargs, f"{path.name} method_kwargs")

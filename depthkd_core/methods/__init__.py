@@ -8,7 +8,8 @@ shared ``Trainer``; ``depthkd distill`` (``engine.py``) wires them together.
 from __future__ import annotations
 
 # imported for their registration in METHODS
-from depthkd_core.methods import datafree, dfad, disdepth, kd_ood, labelfree, noise, tiekd  # noqa: F401
+from depthkd_core.methods import (datafree, dfad, disdepth, kd_features, kd_ood, labelfree,  # noqa: F401
+                                  noise, tiekd)
 from depthkd_core.methods.base import METHODS
 
 __all__ = ["METHODS"]
