@@ -33,7 +33,7 @@ test-slow: venv
 demo: venv
 	$(VENV)/bin/depthkd demo --out demo_output
 
-# Regenerates the demo sequence and the simulator-supervised student (the previous
+# Regenerates the demo sequence and the simulator-supervised student (the first
 # packaged student, now a row of bench-real) end to end: simulate -> train -> export.
 demo-assets: venv
 	rm -rf depthkd_ros/demo_data
@@ -45,7 +45,7 @@ demo-assets: venv
 
 # The packaged student (depthkd_ros/models/student.onnx/.pt/.json) from the real teacher
 # in ../shared/models/fastdepth, through simulated images only (docs/student.md; about
-# 18 minutes on 2 CPU cores, resumable: run it again after an interruption).
+# 25 minutes on 2 CPU cores, resumable: run it again after an interruption).
 student: venv
 	$(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
 
