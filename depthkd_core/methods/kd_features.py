@@ -14,8 +14,8 @@ images unlike the transfer set better than the output alone does.
 
 The teacher file's weights run in depthkd's own FastDepth at the teacher's input size
 (``import_onnx_weights``: the same depth as the file to 5e-7 m, tested), which gives the
-depth target and the maps in one pass; a teacher that is not a FastDepth file of the
-student's widths is refused.
+depth target and the maps in one pass (the file's own Teacher gives only its input size);
+a teacher that is not a FastDepth file of the student's widths is refused.
 """
 
 from __future__ import annotations
@@ -89,11 +89,10 @@ class KdFeatures(DistillMethod):
         except ValueError as exc:
             raise ValueError(f"kd_features needs a FastDepth teacher file of the student's own "
                              f"widths ({cfg.teacher}): {exc}") from None
-        self.feature_teacher = module.eval().requires_grad_(False)
+        self.feature_teacher = module.to(cfg.device).eval().requires_grad_(False)
 
     def step(self, student: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
         images = batch["image"]
-        self.feature_teacher.to(images.device)
         with torch.no_grad():
             target = self.feature_teacher.forward_dict(images)
         out = student.forward_dict(images)
