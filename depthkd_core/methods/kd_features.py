@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from depthkd_core.methods.base import METHODS, DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher, build_model
-from depthkd_core.models.fastdepth import DECODER_CHANNELS, ENCODER_CHANNELS, FastDepthNet
+from depthkd_core.models.fastdepth import (DECODER_CHANNELS, ENCODER_CHANNELS, FastDepthNet,
+                                           named_maps)
 
 FEATURE_NAMES = (*(f"E{i}" for i in range(len(ENCODER_CHANNELS))),
                  *(f"D{s}" for s in range(1, len(DECODER_CHANNELS) + 1)))
@@ -57,9 +58,8 @@ class KdFeaturesConfig:
 
 
 def feature_maps(out: dict[str, Any], layers: tuple[str, ...]) -> list[Tensor]:
-    """The named maps of a ``FastDepthNet.forward_dict`` result."""
-    named = {f"E{i}": f for i, f in enumerate(out["features"])}
-    named |= {f"D{s}": f for s, f in enumerate(out["decoder_features"], start=1)}
+    """The maps ``layers`` (``named_maps`` names) of a ``FastDepthNet.forward_dict`` result."""
+    named = named_maps(out)
     return [named[name] for name in layers]
 
 

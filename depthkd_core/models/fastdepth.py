@@ -161,6 +161,13 @@ class FastDepthNet(nn.Module):
         return [c for c, _ in pairs], [a for _, a in pairs]
 
 
+def named_maps(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The activation maps of a ``FastDepthNet.forward_dict`` result by name: ``E0``..``E13``
+    the stem's and each encoder block's output, ``D1``..``D5`` each decoder stage's."""
+    maps = {f"E{i}": f for i, f in enumerate(out["features"])}
+    return maps | {f"D{s}": f for s, f in enumerate(out["decoder_features"], start=1)}
+
+
 @MODELS.register("fastdepth")
 def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
     """FastDepth (MobileNet-NNConv5, Wofk et al. 2019): its own encoder, BN folded, capped ReLUs."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .fastdepth import SKIPS, FastDepthNet
+from .fastdepth import SKIPS, FastDepthNet, named_maps
 
 # decoder stage -> the encoder space it shares (the skip additions)
 _SHARED = {f"D{stage}": f"E{block}" for stage, block in SKIPS.items()}
@@ -56,8 +56,7 @@ def channel_importance(model: FastDepthNet, images: torch.Tensor) -> dict[str, t
     model.eval()
     out = model.forward_dict(images)
     model.train(was_training)
-    activations = {f"E{i}": f for i, f in enumerate(out["features"])}
-    activations |= {f"D{s}": f for s, f in enumerate(out["decoder_features"], start=1)}
+    activations = named_maps(out)
     convs, _ = model.convs_and_caps()
     layout = _convs(len(model.encoder.layers) - 1, len(model.decoder))
     importance: dict[str, torch.Tensor] = {}
