@@ -59,6 +59,10 @@ def test_image_folder_natural_order_pixels_and_intrinsics(tmp_path):
     assert reader[0].intrinsics == Intrinsics(20.0, 21.0, 7.5, 5.5, 16, 12)
     with pytest.raises(IndexError, match="3 frames"):
         reader[3]
+    chosen = build_reader("images", tmp_path, names=["img10.png", "a.png"])
+    assert [f.name for f in chosen] == ["img10", "a"]
+    with pytest.raises(FileNotFoundError, match=r"\['gone.png'\] not in"):
+        build_reader("images", tmp_path, names=["a.png", "gone.png"])
 
 
 def test_tum_lists_associate_by_timestamp(tmp_path):

@@ -90,12 +90,21 @@ def _write_nyu_frames(root: Path, n: int) -> Path:
 
 
 def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(workdir)
     frames = _write_nyu_frames(tmp_path / "frames", 2)
     other = write_linear_onnx(tmp_path / "other.onnx", scale=3.0, offset=0.5, size=(32, 32))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png", "skipped.png"):
+        cv2.imwrite(str(photos / name), np.random.default_rng(1).integers(0, 255, (40, 60, 3), np.uint8))
     config = {"teacher": "teacher.onnx", "height": 48, "width": 64, "latency_runs": 2,
-              "sets": [{"name": "synthetic", "reader": "nyu_png", "root": str(frames)}],
+              "sets": [{"name": "synthetic", "reader": "nyu_png", "root": str(frames)},
+                       {"name": "unlabelled", "reader": "images", "root": str(photos),
+                        "reader_kwargs": {"names": ["b.png", "a.png"]}},
+                       {"name": "absent", "reader": "images", "root": str(tmp_path / "no"),
+                        "optional": True}],
               "rows": [{"name": "self", "model": "teacher.onnx"},
                        {"name": "other", "model": str(other)},
                        {"name": "missing", "model": "nothing.onnx"}]}
@@ -103,7 +112,15 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o")]) == 1
     assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o"),
                  "--rows", "self,other"]) == 0
-    rows = {r["model"]: r for r in json.loads((tmp_path / "o" / "real.json").read_text())["rows"]}
+    written = json.loads((tmp_path / "o" / "real.json").read_text())
+    assert [s["name"] for s in written["meta"]["sets"]] == ["synthetic", "unlabelled"]
+    assert "optional set 'absent' left out" in capsys.readouterr().err
+    # photos without depth are judged by agreement alone
+    unlabelled = {r["model"]: r for r in written["rows"] if r["set"] == "unlabelled"}
+    assert unlabelled["self"]["frames"] == 2 and unlabelled["self"]["agree_delta1"] == 1.0
+    assert unlabelled["other"]["agree_delta1"] < 1.0
+    assert not any(key.startswith("gt_") for key in unlabelled["other"])
+    rows = {r["model"]: r for r in written["rows"] if r["set"] == "synthetic"}
     assert rows["self"]["agree_delta1"] == 1.0 and rows["self"]["agree_abs_rel"] == 0.0
     assert rows["other"]["agree_delta1_min"] <= rows["other"]["agree_delta1"] < 1.0
     assert rows["other"]["input"] == "32x32" and rows["self"]["frames"] == 2

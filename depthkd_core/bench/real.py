@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -69,6 +70,18 @@ class RealBenchConfig:
             raise ValueError("bench-real needs at least one row")
         self.rows = [r if isinstance(r, RealRow) else RealRow(**r) for r in self.rows]
         self.sets = [s if isinstance(s, RealSet) else RealSet(**s) for s in self.sets]
+
+
+def present_sets(sets: list[RealSet]) -> list[RealSet]:
+    """``sets`` without the optional ones whose folder is missing (each said on stderr)."""
+    kept = []
+    for real in sets:
+        if real.optional and not Path(real.root).is_dir():
+            print(f"bench-real: optional set '{real.name}' left out: no folder {real.root}",
+                  file=sys.stderr)
+        else:
+            kept.append(real)
+    return kept
 
 
 def _own_shape(model: Any, cfg: RealBenchConfig) -> tuple[int, int, int, int]:
@@ -127,7 +140,7 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             "missing models: " + "; ".join(f"{r.name}: {r.model}" for r in missing)
             + " (depthkd bench-real --make runs the rows' recipes)")
     teacher = load_teacher(cfg.teacher)
-    sets = {s.name: frames_of(s, cfg.height, cfg.width) for s in cfg.sets}
+    sets = {s.name: frames_of(s, cfg.height, cfg.width) for s in present_sets(cfg.sets)}
     results, teacher_ms = [], []
     for row in cfg.rows:
         model = load_teacher(row.model)
@@ -143,7 +156,7 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "teacher": cfg.teacher, "teacher_latency_ms": teacher_ms,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "sets": [vars(s) for s in cfg.sets]}
+            "sets": [vars(s) for s in cfg.sets if s.name in sets]}
     (out_dir / "real.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
     table = render(results, meta)
     (out_dir / "real.md").write_text(table)

@@ -128,11 +128,20 @@ class SimFolder(FrameReader):
 @READERS.register("images")
 class ImageFolder(FrameReader):
     """Any folder of .png/.jpg images, unlabelled; intrinsics from ``intrinsics`` or an
-    optional ``intrinsics.json`` beside the images (one camera, or per file stem)."""
+    optional ``intrinsics.json`` beside the images (one camera, or per file stem).
+    ``names``: only these files of the folder, in this order (each must exist)."""
 
-    def __init__(self, root: str | Path, intrinsics: IntrinsicsArg = None) -> None:
+    def __init__(self, root: str | Path, intrinsics: IntrinsicsArg = None,
+                 names: Sequence[str] | None = None) -> None:
         self.root = require_dir(root, "ImageFolder")
-        self.items = require_items(list_images(self.root), self.root, "ImageFolder")
+        if names is None:
+            self.items = require_items(list_images(self.root), self.root, "ImageFolder")
+        else:
+            missing = [name for name in names if not (self.root / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"ImageFolder: {missing} not in {self.root}")
+            self.items = require_items([self.root / name for name in names], self.root,
+                                       "ImageFolder")
         path = self.root / "intrinsics.json"
         if intrinsics is None and path.is_file():
             intrinsics = load_intrinsics_json(path)
