@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,39 @@ def test_export_fuses_each_activation_and_upsamples_depth_last(tmp_path: Path) -
     for node in graph.node:
         if node.op_type == "Clip":
             assert all(name in constants for name in node.input[1:] if name), node.name
+
+
+def test_scale_head_starts_as_the_imported_weights_then_scales_each_image(tmp_path: Path) -> None:
+    """The global scale head multiplies each image's depth by one factor read from the whole
+    image: it starts at exactly 1 (an imported teacher computes what it did), learns, and
+    exports with parity."""
+    from depthkd_core.export.onnx_export import export_onnx
+
+    path = save_tiny_fastdepth_onnx(tmp_path / "tiny.onnx", seed=3)
+    plain, headed = _tiny(pretrained=str(path)).eval(), _tiny(pretrained=str(path), scale_head=8).eval()
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(headed(x), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        headed.scale.mlp[-1].bias.fill_(math.log(1.5))
+    # one factor per image, applied before the output cap (depth stays within range)
+    raw = plain.out(plain.forward_dict(x)["decoder_features"][-1])
+    scaled = headed.forward_dict(x)["depth"]
+    expected = torch.nn.functional.interpolate(plain.out_act(raw * 1.5), scale_factor=2.0)
+    torch.testing.assert_close(scaled, expected.clamp_min(plain.cfg.min_depth))
+    assert scaled.max() <= plain.cfg.max_depth
+    # the head learns from the depth loss: its zero last layer at once, its first layer as
+    # soon as the last is non-zero
+    headed.train()
+    headed(x).mean().backward()
+    assert headed.scale.mlp[-1].weight.grad.abs().sum() > 0
+    assert headed.scale.mlp[0].weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        headed.scale.mlp[-1].weight.fill_(0.01)
+    headed.zero_grad()
+    headed(x).mean().backward()
+    assert headed.scale.mlp[0].weight.grad.abs().sum() > 0
+    assert export_onnx(headed.eval(), tmp_path / "headed.onnx", 64, 64).passed
+    with pytest.raises(ValueError, match="scale_head must be >= 0"):
+        ModelConfig(name="fastdepth", scale_head=-1)
+    with pytest.raises(ValueError, match="fastdepth option"):
+        ModelConfig(name="student", scale_head=8)

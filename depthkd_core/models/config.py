@@ -31,6 +31,11 @@ class ModelConfig:
     lgconv_stages: encoder feature stages wrapped in LG-Conv (DisDepth; negative
         from the deepest, e.g. (-4, -3, -2, -1)); () = none. CNN encoders only.
     lgconv_heads: M, the global vectors of each LG-Conv.
+    scale_head: fastdepth only: hidden width of a global scale head (0 = none). It reads
+        the average-pooled bottleneck and multiplies the image's depth by one factor,
+        exp(MLP), starting at 1 (zero last layer), so a teacher's imported weights compute
+        what they did. A per-image scale read from the whole image, for a student whose
+        remaining error is the scale of each image (docs/student.md).
     """
 
     name: str = "student"
@@ -46,6 +51,7 @@ class ModelConfig:
     input_size: tuple[int, int] | None = None
     lgconv_stages: tuple[int, ...] = ()
     lgconv_heads: int = 4
+    scale_head: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_depth < self.max_depth:
@@ -69,3 +75,7 @@ class ModelConfig:
         self.lgconv_stages = tuple(int(s) for s in self.lgconv_stages)
         if self.lgconv_heads < 1:
             raise ValueError(f"lgconv_heads must be >= 1, got {self.lgconv_heads}")
+        if self.scale_head < 0:
+            raise ValueError(f"scale_head must be >= 0, got {self.scale_head}")
+        if self.scale_head and self.name != "fastdepth":
+            raise ValueError(f"scale_head is a fastdepth option; model '{self.name}' has none")

@@ -10,7 +10,8 @@ teacher learnt from real images and needs a quarter of its MACs at half the side
 Layout: a 3x3/2 stem and 13 depthwise-separable blocks (MobileNet v1, widths in
 ``ModelConfig.encoder_channels``), a decoder of 5 stages (depthwise 5x5 + pointwise,
 nearest x2 upsampling; widths in ``decoder_channels``) with additive skips from the
-encoder at strides 8, 4 and 2, and a pointwise layer to depth. Input RGB in [0, 1]
+encoder at strides 8, 4 and 2, and a pointwise layer to depth (times a per-image factor
+from ``GlobalScale`` when ``ModelConfig.scale_head`` is set). Input RGB in [0, 1]
 (no mean/std, as FastDepth), output metric depth at the input size. With
 ``ModelConfig.input_size`` the network runs at that size whatever it is given
 (antialiased resize in, bilinear out): a student trained on larger images than it
@@ -92,6 +93,19 @@ class FastDepthEncoder(nn.Module):
         return feats
 
 
+class GlobalScale(nn.Module):
+    """One depth factor per image, exp(MLP(average-pooled features)); exactly 1 at start."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.mlp(features.mean(dim=(2, 3))))[:, :, None, None]
+
+
 class FastDepthNet(nn.Module):
     """RGB [0,1] (B,3,H,W), H and W multiples of 32 -> metric depth (B,1,H,W)."""
 
@@ -119,6 +133,7 @@ class FastDepthNet(nn.Module):
         # a random network starts mid-range: below min_depth the output (ReLU, clamp) has no gradient
         nn.init.constant_(self.out.bias, math.sqrt(cfg.min_depth * cfg.max_depth))
         self.out_act = CappedReLU(cfg.max_depth)
+        self.scale = GlobalScale(enc[-1], cfg.scale_head) if cfg.scale_head else None
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -145,7 +160,10 @@ class FastDepthNet(nn.Module):
             dec.append(y)
         # The 1x1 output conv and its clamp commute with nearest upsampling: applied before
         # the last x2 they compute the same depth on a quarter of the pixels.
-        depth = F.interpolate(self.out_act(self.out(y)), scale_factor=2.0, mode="nearest")
+        y = self.out(y)
+        if self.scale is not None:
+            y = y * self.scale(feats[-1])
+        depth = F.interpolate(self.out_act(y), scale_factor=2.0, mode="nearest")
         depth = resize(depth.clamp_min(self.cfg.min_depth), size)
         return {"features": feats, "decoder_features": dec, "depth": depth}
 
