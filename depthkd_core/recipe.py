@@ -42,7 +42,10 @@ class StudentRecipe:
     student is the teacher with each layer at that feature stride (2..32) cut to that
     fraction of its channels (multiples of 8; a stride not given keeps all), the channels
     that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
-    the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning.
+    the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning. A
+    student with ``model.decoder_stages`` < 5 (an override) starts, likewise, from the
+    teacher cut after that stage, its new output conv fitted on the same frames
+    (``cut_decoder``).
     sim_*: the transfer set (style, or styles joined by "+", frames, seed, rendered
     size); val_*: held-out simulated frames (another seed) that judge the student before
     it ships. judge_styles: styles whose own held-out frames also judge it, one by one
@@ -146,7 +149,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         overrides.append(f"model.pretrained={recipe.teacher}")
     cfg = load_distill_config(recipe.distill, overrides)
     cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
-    if recipe.prune_ratios:
+    if recipe.init_from_teacher and (recipe.prune_ratios or cfg.model.decoder_stages < 5):
         cfg = replace(cfg, model=pruned_teacher(cfg.model, recipe, train, out / "pruned.pt"))
     resumed = bool(checkpoints(Path(cfg.out_dir)))
     if recipe.train:
@@ -193,27 +196,31 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
 
 def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, path: Path) -> ModelConfig:
     """The student's ModelConfig, starting from ``path``: the teacher (``model_cfg``, which
-    imports it) pruned to ``recipe.prune_ratios`` on the first transfer frames, at the
-    student's input size. Pruning is deterministic; an existing ``path`` is reused."""
+    imports it, with every decoder stage) pruned to ``recipe.prune_ratios`` and cut to
+    ``model_cfg.decoder_stages`` on the first transfer frames, at the student's input
+    size. Both are deterministic; an existing ``path`` is reused."""
     import torch
 
     from depthkd_core.data import build_reader
     from depthkd_core.models import build_model, load_checkpoint, save_checkpoint
-    from depthkd_core.models.prune import prune_fastdepth, widths_by_stride
+    from depthkd_core.models.prune import cut_decoder, prune_fastdepth, widths_by_stride
     from depthkd_core.models.teacher_base import resize
 
     if model_cfg.name != "fastdepth":
         raise ValueError(f"prune_ratios apply to a fastdepth student, not '{model_cfg.name}'")
     if not path.is_file():
-        teacher = build_model(model_cfg)
+        pruned = build_model(replace(model_cfg, decoder_stages=5))
         frames = build_reader("sim", data)
         images = torch.stack([torch.from_numpy(frames[i].rgb).permute(2, 0, 1).float() / 255.0
                               for i in range(min(recipe.prune_images, len(frames)))])
         size = model_cfg.input_size or (recipe.sim_height // 32 * 32, recipe.sim_width // 32 * 32)
-        pruned = prune_fastdepth(teacher, *widths_by_stride(teacher, recipe.prune_ratios),
-                                 resize(images, size))
+        images = resize(images, size)
+        if recipe.prune_ratios:
+            pruned = prune_fastdepth(pruned, *widths_by_stride(pruned, recipe.prune_ratios), images)
+        if model_cfg.decoder_stages < 5:
+            pruned = cut_decoder(pruned, model_cfg.decoder_stages, images)
         save_checkpoint(path, pruned, pruned.cfg, prune_ratios=recipe.prune_ratios,
-                        prune_images=len(images))
+                        decoder_stages=model_cfg.decoder_stages, prune_images=len(images))
     _, cfg, _ = load_checkpoint(path)
     return replace(cfg, pretrained=str(path))
 

@@ -47,6 +47,13 @@ def test_width_and_size_errors() -> None:
         build_model(ModelConfig(name="fastdepth", encoder_channels=(8,) * 3))
     with pytest.raises(ValueError, match="multiple of 32"):
         _tiny()(torch.rand(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="decoder_stages must be in 1..5"):
+        ModelConfig(name="fastdepth", decoder_stages=0)
+    with pytest.raises(ValueError, match="decoder_stages is a fastdepth option"):
+        ModelConfig(name="student", decoder_stages=3)
+    with pytest.raises(ValueError, match="needs its new output conv fitted"):
+        build_model(ModelConfig(name="fastdepth", **FASTDEPTH_WIDTHS, decoder_stages=2,
+                                pretrained=str(FASTDEPTH)))
 
 
 def test_input_size_runs_at_its_size_and_answers_at_the_callers() -> None:
@@ -183,6 +190,27 @@ def test_export_fuses_each_activation_and_upsamples_depth_last(tmp_path: Path) -
     for node in graph.node:
         if node.op_type == "Clip":
             assert all(name in constants for name in node.input[1:] if name), node.name
+
+
+def test_a_cut_decoder_upsamples_its_coarse_depth_bilinearly_and_exports(tmp_path: Path) -> None:
+    """With decoder_stages=2 the output conv reads stage 2's features (after its x2 and skip,
+    stride 8) and the depth is that grid bilinearly upsampled; the graph exports with parity."""
+    import torch.nn.functional as F
+
+    from depthkd_core.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = _tiny(decoder_stages=2).eval()
+    x = torch.rand(2, 3, 64, 96)
+    out = model.forward_dict(x)
+    last = out["decoder_features"][-1]
+    assert len(out["decoder_features"]) == 2 and last.shape[-2:] == (8, 12)
+    coarse = model.out_act(model.out(last))
+    reference = F.interpolate(coarse, size=(64, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["depth"], reference.clamp_min(model.cfg.min_depth), rtol=0, atol=0)
+    path = tmp_path / "cut.onnx"
+    assert export_onnx(model, path, 64, 96).passed
+    assert "Resize" in [node.op_type for node in onnx.load(str(path)).graph.node]
 
 
 def test_scale_head_starts_as_the_imported_weights_then_scales_each_image(tmp_path: Path) -> None:

@@ -110,3 +110,46 @@ def test_the_recipe_prunes_the_teacher_on_transfer_frames(tmp_path: Path) -> Non
     assert extra["prune_ratios"] == ratios and extra["prune_images"] == 2
     with pytest.raises(ValueError, match="init_from_teacher"):
         StudentRecipe(teacher="t.onnx", distill="d.yaml", prune_ratios=ratios)
+
+
+def test_a_cut_decoder_keeps_every_weight_and_fits_its_new_output_conv() -> None:
+    """Cut after stage 3: the encoder and the kept stages are the wide network's, the depth
+    comes from a stride-4 grid (bilinear to the input size), and the fitted output conv
+    reproduces the wide network's depth far better than the one it was built with."""
+    from depthkd_core.models.prune import cut_decoder
+
+    model = _wide()
+    images = _images(16)
+    cut = cut_decoder(model, 3, images).eval()
+    assert cut.cfg.decoder_stages == 3 and len(cut.decoder) == 3
+    assert cut.out.in_channels == WIDE["decoder_channels"][2]
+    for key, value in cut.state_dict().items():
+        if not key.startswith("out."):
+            assert torch.equal(value, model.state_dict()[key]), key
+    x = _images(4, seed=9)  # not the images fitted on
+    out = cut.forward_dict(x)
+    assert out["depth"].shape == (4, 1, 64, 64) and out["decoder_features"][-1].shape[-1] == 16
+    unfitted = FastDepthNet(cut.cfg).eval()
+    unfitted.load_state_dict({k: v for k, v in cut.state_dict().items() if not k.startswith("out.")},
+                             strict=False)
+    errors = {name: (net(x).log() - model(x).log()).pow(2).mean().sqrt().item()
+              for name, net in (("fitted", cut), ("unfitted", unfitted))}
+    assert errors["fitted"] < 0.2 * errors["unfitted"], errors
+    with pytest.raises(ValueError, match="cannot cut a decoder of 3 stages to 4"):
+        cut_decoder(cut, 4, images)
+
+
+def test_the_recipe_cuts_the_teacher_and_a_cut_model_reloads(tmp_path: Path) -> None:
+    from depthkd_core.data.simulator import write_dataset
+    from depthkd_core.recipe import StudentRecipe, pruned_teacher
+
+    data = write_dataset(tmp_path / "sim", "target", 3, 64, 64, seed=1, workers=1)
+    recipe = StudentRecipe(teacher="t.onnx", distill="d.yaml", init_from_teacher=True,
+                           prune_images=2, sim_height=64, sim_width=64)
+    cfg = pruned_teacher(ModelConfig(name="fastdepth", **WIDE, decoder_stages=2), recipe, data,
+                         tmp_path / "p.pt")
+    assert cfg.decoder_stages == 2 and cfg.decoder_channels == WIDE["decoder_channels"]
+    _, _, extra = load_checkpoint(tmp_path / "p.pt")
+    assert extra["decoder_stages"] == 2 and extra["prune_ratios"] == {}
+    rebuilt = build_model(cfg).eval()
+    assert len(rebuilt.decoder) == 2 and rebuilt(_images(1)).shape == (1, 1, 64, 64)

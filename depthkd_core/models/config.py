@@ -36,6 +36,12 @@ class ModelConfig:
         exp(MLP), starting at 1 (zero last layer), so a teacher's imported weights compute
         what they did. A per-image scale read from the whole image, for a student whose
         remaining error is the scale of each image (docs/student.md).
+    decoder_stages: fastdepth only: how many of its 5 decoder stages run (1..5). With
+        fewer, the output conv reads the last kept stage (after its x2 upsampling and
+        skip) and its depth is upsampled bilinearly to the input size: the teacher's
+        depth is smooth enough that a stride-8 grid loses nothing measurable of it, while
+        the full-resolution stages cost half of a 160x160 FastDepth's time
+        (docs/student.md). ``models.prune.cut_decoder`` makes one from a full network.
     """
 
     name: str = "student"
@@ -52,6 +58,7 @@ class ModelConfig:
     lgconv_stages: tuple[int, ...] = ()
     lgconv_heads: int = 4
     scale_head: int = 0
+    decoder_stages: int = 5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_depth < self.max_depth:
@@ -79,3 +86,7 @@ class ModelConfig:
             raise ValueError(f"scale_head must be >= 0, got {self.scale_head}")
         if self.scale_head and self.name != "fastdepth":
             raise ValueError(f"scale_head is a fastdepth option; model '{self.name}' has none")
+        if not 1 <= self.decoder_stages <= 5:
+            raise ValueError(f"decoder_stages must be in 1..5, got {self.decoder_stages}")
+        if self.decoder_stages != 5 and self.name != "fastdepth":
+            raise ValueError(f"decoder_stages is a fastdepth option; model '{self.name}' has none")

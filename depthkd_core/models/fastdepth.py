@@ -11,7 +11,9 @@ Layout: a 3x3/2 stem and 13 depthwise-separable blocks (MobileNet v1, widths in
 ``ModelConfig.encoder_channels``), a decoder of 5 stages (depthwise 5x5 + pointwise,
 nearest x2 upsampling; widths in ``decoder_channels``) with additive skips from the
 encoder at strides 8, 4 and 2, and a pointwise layer to depth (times a per-image factor
-from ``GlobalScale`` when ``ModelConfig.scale_head`` is set). Input RGB in [0, 1]
+from ``GlobalScale`` when ``ModelConfig.scale_head`` is set). With
+``ModelConfig.decoder_stages`` < 5 the decoder stops early and its depth, on a grid of
+stride 32 / 2**stages, is upsampled bilinearly (``models.prune.cut_decoder``). Input RGB in [0, 1]
 (no mean/std, as FastDepth), output metric depth at the input size. With
 ``ModelConfig.input_size`` the network runs at that size whatever it is given
 (antialiased resize in, bilinear out): a student trained on larger images than it
@@ -123,7 +125,7 @@ class FastDepthNet(nn.Module):
         self.cfg = cfg
         self.encoder = FastDepthEncoder(enc)
         stages, cin = [], enc[-1]
-        for cout in dec:
+        for cout in dec[:cfg.decoder_stages]:
             stages.append(nn.Sequential(ConvAct(cin, cin, 5, depthwise=True),
                                         ConvAct(cin, cout, 1)))
             cin = cout
@@ -153,7 +155,7 @@ class FastDepthNet(nn.Module):
         y, dec = feats[-1], []
         for i, stage in enumerate(self.decoder, start=1):
             y = stage(y)
-            if i < len(self.decoder):
+            if i < len(DECODER_CHANNELS):
                 y = F.interpolate(y, scale_factor=2.0, mode="nearest")
             if i in SKIPS:
                 y = self.skip_acts[str(i)](y + feats[SKIPS[i]])
@@ -163,7 +165,11 @@ class FastDepthNet(nn.Module):
         y = self.out(y)
         if self.scale is not None:
             y = y * self.scale(feats[-1])
-        depth = F.interpolate(self.out_act(y), scale_factor=2.0, mode="nearest")
+        if len(self.decoder) == len(DECODER_CHANNELS):
+            depth = F.interpolate(self.out_act(y), scale_factor=2.0, mode="nearest")
+        else:
+            depth = F.interpolate(self.out_act(y), size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False)
         depth = resize(depth.clamp_min(self.cfg.min_depth), size)
         return {"features": feats, "decoder_features": dec, "depth": depth}
 
@@ -193,6 +199,11 @@ def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
     if cfg.pretrained is None:
         return model
     if Path(cfg.pretrained).suffix == ".onnx":
+        if cfg.decoder_stages != len(DECODER_CHANNELS):
+            raise ValueError(f"{cfg.pretrained} holds all {len(DECODER_CHANNELS)} decoder stages; "
+                             f"a fastdepth with decoder_stages={cfg.decoder_stages} needs its new "
+                             "output conv fitted: import the whole network and cut it with "
+                             "models.prune.cut_decoder (the student recipe does)")
         return import_onnx_weights(model, cfg.pretrained)
     # a depthkd checkpoint of these widths, e.g. a pruned teacher (models/prune.py)
     from .checkpoint import read_checkpoint
