@@ -211,7 +211,9 @@ def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
     try:
         model.load_state_dict(read_checkpoint(cfg.pretrained)["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{cfg.pretrained} does not fit this fastdepth's widths: {exc}") from None
+        raise ValueError(f"{cfg.pretrained} does not fit this fastdepth (its widths, "
+                         f"decoder_stages={cfg.decoder_stages}, scale_head={cfg.scale_head}): "
+                         f"{exc}") from None
     return model
 
 
