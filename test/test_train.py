@@ -123,6 +123,24 @@ def test_step_fn_errors(frames: list, tmp_path: Path) -> None:
                 make_cfg(tmp_path / "small"))
 
 
+def test_frozen_parameters_stay_as_they_start_and_a_typo_is_refused(frames: list, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = build_model(MODEL)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = make_cfg(tmp_path, max_steps=2, optim=OptimConfig(batch_size=2, lr=1e-2, frozen=("encoder.",)))
+    final = Trainer(model, supervised_step(build_loss("silog")), DepthDataset(frames, 32, 32), cfg).fit()
+    trained, _, _ = load_checkpoint(final)
+    moved = {k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])}
+    params = {name for name, _ in model.named_parameters()}
+    assert moved & params and all(not k.startswith("encoder.") for k in moved & params)
+    with pytest.raises(ValueError, match="no parameter of the model starts with 'encoderr.'"):
+        Trainer(build_model(MODEL), supervised_step(build_loss("l1")), DepthDataset(frames, 32, 32),
+                make_cfg(tmp_path / "typo", optim=OptimConfig(frozen=("encoderr.",))))
+    with pytest.raises(ValueError, match="leaves no parameter to train"):
+        Trainer(build_model(MODEL), supervised_step(build_loss("l1")), DepthDataset(frames, 32, 32),
+                make_cfg(tmp_path / "all", optim=OptimConfig(frozen=("",))))
+
+
 def test_repo_configs_parse() -> None:
     for path in sorted((REPO / "config" / "train").glob("*.yaml")):
         cfg = load_train_config(path, ["data.root=elsewhere"])

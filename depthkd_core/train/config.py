@@ -66,6 +66,10 @@ class OptimConfig:
     scheduler: "cosine" anneals to 0 over max_steps; "step" multiplies the rate
     by gamma every step_size steps; "none" keeps it constant.
     grad_clip: max global gradient norm (None: no clipping).
+    frozen: prefixes of the model's parameter names (``encoder.``, ``decoder.0.``) kept as
+        they start: no gradient, not in the optimiser. For a student that starts as its
+        teacher: what it need not change is not moved by a transfer set that is not the
+        teacher's data. Each prefix must name at least one parameter.
     """
 
     optimizer: str = "adamw"
@@ -76,8 +80,10 @@ class OptimConfig:
     step_size: int = 1000
     gamma: float = 0.5
     grad_clip: float | None = None
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.frozen = tuple(str(p) for p in self.frozen)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got '{self.optimizer}'")
         if self.scheduler not in SCHEDULERS:

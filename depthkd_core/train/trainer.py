@@ -81,6 +81,24 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> Optimizer:
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def trainable_parameters(model: nn.Module, frozen: tuple[str, ...]) -> list[nn.Parameter]:
+    """``model``'s parameters except those named under a ``frozen`` prefix, which stop
+    taking gradients; ValueError for a prefix that names none (a typo would train all)."""
+    named = list(model.named_parameters())
+    for prefix in frozen:
+        if not any(name.startswith(prefix) for name, _ in named):
+            raise ValueError(f"optim.frozen: no parameter of the model starts with '{prefix}'")
+    trainable = []
+    for name, param in named:
+        if any(name.startswith(prefix) for prefix in frozen):
+            param.requires_grad_(False)
+        else:
+            trainable.append(param)
+    if not trainable:
+        raise ValueError(f"optim.frozen {list(frozen)} leaves no parameter to train")
+    return trainable
+
+
 def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, max_steps: int) -> LRScheduler | None:
     if cfg.scheduler == "cosine":
         return CosineAnnealingLR(optimizer, T_max=max_steps)
@@ -150,7 +168,8 @@ class Trainer:
             raise ValueError(f"extra_optimizers may not use the main loss name '{MAIN}'")
         # extras first: a main step may not change weights an extra loss still needs
         self.optimizers = {**extra_optimizers,
-                           MAIN: build_optimizer(self.model.parameters(), cfg.optim)}
+                           MAIN: build_optimizer(trainable_parameters(self.model, cfg.optim.frozen),
+                                                 cfg.optim)}
         self.schedulers = {name: s for name, opt in self.optimizers.items()
                            if (s := build_scheduler(opt, cfg.optim, cfg.max_steps)) is not None}
         self.per_epoch = len(train_set) // self.world // cfg.optim.batch_size
