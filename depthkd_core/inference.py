@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from depthkd_core.geometry import Intrinsics, backproject_depth, fit_median_scale, fit_scale_shift
+from depthkd_core.imaging import resize_rgb
 
 OUTPUT_RESOLUTIONS = ("camera", "model")
 CLOUD_RESOLUTIONS = ("model", "camera")
@@ -189,12 +190,9 @@ class DepthEstimator:
             raise ValueError(f"expected HxWx3 uint8 RGB, got {rgb.dtype} {rgb.shape}")
         height, width = rgb.shape[:2]
         net_h, net_w = self.network_size(height, width)
-        if (net_h, net_w) != (height, width):
-            # The whole frame is resized (no crop), so the field of view is kept and
-            # Intrinsics.scaled stays exact even when the aspect ratio changes.
-            shrink = net_h * net_w < height * width
-            rgb = cv2.resize(rgb, (net_w, net_h),
-                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        # The whole frame is resized (no crop), so the field of view is kept and
+        # Intrinsics.scaled stays exact even when the aspect ratio changes.
+        rgb = resize_rgb(rgb, net_h, net_w)
         x = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
         x *= np.float32(1.0 / 255.0)
         return x

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
+
+from depthkd_core.imaging import resize_rgb
 
 LOG = logging.getLogger(__name__)
 
@@ -158,9 +159,6 @@ class OnnxDepthModel:
         """uint8 HxWx3 RGB -> depth HxW float32 at the model's input size."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
-        th, tw = self._target_size(*rgb.shape[:2])
-        if (th, tw) != rgb.shape[:2]:
-            shrink = th * tw < rgb.shape[0] * rgb.shape[1]
-            rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        rgb = resize_rgb(rgb, *self._target_size(*rgb.shape[:2]))
         x = (rgb.astype(np.float32) * (1.0 / 255.0)).transpose(2, 0, 1)[None]
         return self.predict_batch(x)[0, 0]

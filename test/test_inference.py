@@ -245,3 +245,23 @@ def test_fastdepth_on_real_tum_frame() -> None:
     upsampled = cv2.resize(small.depth, (640, 480), interpolation=cv2.INTER_LINEAR)
     both = np.isfinite(upsampled) & np.isfinite(result.depth)
     np.testing.assert_allclose(upsampled[both], result.depth[both], rtol=1e-4, atol=1e-4)
+
+
+def test_resize_rgb_shrinks_by_area_in_two_steps_when_it_can() -> None:
+    """A shrink by two or more on both sides averages by the largest whole factor first
+    (OpenCV's fast path), then by the rest; within a grey level or two of one area step on
+    a real-looking frame, identical where one step is already whole, bilinear to grow."""
+    import cv2
+
+    from depthkd_core.data import render_frame
+    from depthkd_core.imaging import resize_rgb
+
+    rgb = cv2.resize(render_frame("target", 3, 240, 320).rgb, (640, 480), interpolation=cv2.INTER_LINEAR)
+    two_step = resize_rgb(rgb, 192, 192)
+    one_step = cv2.resize(rgb, (192, 192), interpolation=cv2.INTER_AREA)
+    assert two_step.shape == (192, 192, 3) and two_step.dtype == np.uint8
+    diff = np.abs(two_step.astype(int) - one_step.astype(int))
+    assert 0 < diff.mean() < 1.0 and np.percentile(diff, 99) <= 6
+    assert np.array_equal(resize_rgb(rgb, 160, 160), cv2.resize(rgb, (160, 160), interpolation=cv2.INTER_AREA))
+    assert np.array_equal(resize_rgb(rgb, 960, 1280), cv2.resize(rgb, (1280, 960), interpolation=cv2.INTER_LINEAR))
+    assert resize_rgb(rgb, 480, 640) is rgb

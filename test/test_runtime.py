@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from depthkd_core.imaging import resize_rgb
 from depthkd_core.runtime import OnnxDepthModel, create_session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_fastdepth_predict_real_frame() -> None:
     assert depth.shape == (224, 224) and depth.dtype == np.float32
     assert 0.5 < float(np.median(depth)) < 5.0
     # A batch-1 model still serves batches (one run per image), same numbers.
-    x = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    x = resize_rgb(rgb, 224, 224).astype(np.float32) / 255.0
     batch = np.stack([x.transpose(2, 0, 1), x[::-1].transpose(2, 0, 1)])
     out = model.predict_batch(batch)
     assert out.shape == (2, 1, 224, 224)

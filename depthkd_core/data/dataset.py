@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from depthkd_core.data.frame import Frame
+from depthkd_core.imaging import resize_rgb
 
 
 def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -23,14 +23,6 @@ def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
     return array[rows[:, None], cols[None, :]]
-
-
-def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    if rgb.shape[:2] == (height, width):
-        return rgb
-    shrink = height * width < rgb.shape[0] * rgb.shape[1]
-    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink
-                      else cv2.INTER_LINEAR)
 
 
 def _colour_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:

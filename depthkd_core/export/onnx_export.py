@@ -27,6 +27,7 @@ import onnx
 import torch
 from torch import nn
 
+from depthkd_core.imaging import resize_rgb
 from depthkd_core.runtime import create_session
 
 FP32_TOLERANCE = 1e-4
@@ -89,8 +90,7 @@ def _to_batch(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
     for i, rgb in enumerate(images):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"check image {i} must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
-        shrink = height * width < rgb.shape[0] * rgb.shape[1]
-        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        rgb = resize_rgb(rgb, height, width)
         out.append(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
     return np.stack(out)
 
