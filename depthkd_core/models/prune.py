@@ -212,8 +212,7 @@ def cut_decoder(model: FastDepthNet, stages: int, images: torch.Tensor, ridge: f
     cut = FastDepthNet(replace(model.cfg, decoder_stages=stages, pretrained=None))
     kept = {k: v for k, v in model.state_dict().items() if k in cut.state_dict() and not k.startswith("out.")}
     missing, _ = cut.load_state_dict(kept, strict=False)
-    assert all(k.startswith("out.") for k in missing), missing
-    cut.out_act.cap.copy_(model.out_act.cap)
+    assert all(k.startswith("out.") for k in missing), missing  # out_act's cap is copied too
     model.eval()
     cut.eval()
     out = cut.forward_dict(images)
