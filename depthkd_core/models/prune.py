@@ -210,7 +210,8 @@ def cut_decoder(model: FastDepthNet, stages: int, images: torch.Tensor, ridge: f
     if not 1 <= stages <= len(model.decoder):
         raise ValueError(f"cannot cut a decoder of {len(model.decoder)} stages to {stages}")
     cut = FastDepthNet(replace(model.cfg, decoder_stages=stages, pretrained=None))
-    kept = {k: v for k, v in model.state_dict().items() if k in cut.state_dict() and not k.startswith("out.")}
+    keys = cut.state_dict().keys()
+    kept = {k: v for k, v in model.state_dict().items() if k in keys and not k.startswith("out.")}
     missing, _ = cut.load_state_dict(kept, strict=False)
     assert all(k.startswith("out.") for k in missing), missing  # out_act's cap is copied too
     model.eval()

@@ -158,6 +158,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.config_to_save = cfg if config_to_save is None else config_to_save
         self.model = model.to(self.device)
+        # before DDP wraps the model: it registers its gradient hooks on the parameters
+        # that require gradients when it is built
+        trainable = trainable_parameters(self.model, cfg.optim.frozen)
         self.wrapped: nn.Module = self.model
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
@@ -168,8 +171,7 @@ class Trainer:
             raise ValueError(f"extra_optimizers may not use the main loss name '{MAIN}'")
         # extras first: a main step may not change weights an extra loss still needs
         self.optimizers = {**extra_optimizers,
-                           MAIN: build_optimizer(trainable_parameters(self.model, cfg.optim.frozen),
-                                                 cfg.optim)}
+                           MAIN: build_optimizer(trainable, cfg.optim)}
         self.schedulers = {name: s for name, opt in self.optimizers.items()
                            if (s := build_scheduler(opt, cfg.optim, cfg.max_steps)) is not None}
         self.per_epoch = len(train_set) // self.world // cfg.optim.batch_size
