@@ -141,6 +141,16 @@ def test_frozen_parameters_stay_as_they_start_and_a_typo_is_refused(frames: list
                 make_cfg(tmp_path / "all", optim=OptimConfig(frozen=("",))))
 
 
+def test_frame_size_must_suit_the_network_unless_it_resizes_its_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="multiples of 32 .* for model 'student'"):
+        make_cfg(tmp_path, data=DataConfig(root="x", height=240, width=320))
+    own_size = ModelConfig(name="fastdepth", input_size=(192, 192))
+    cfg = make_cfg(tmp_path, data=DataConfig(root="x", height=240, width=320), model=own_size)
+    assert cfg.model.resizes_input and not MODEL.resizes_input
+    with pytest.raises(ValueError, match="input_size must be multiples of 32"):
+        ModelConfig(name="fastdepth", input_size=(200, 192))
+
+
 def test_repo_configs_parse() -> None:
     for path in sorted((REPO / "config" / "train").glob("*.yaml")):
         cfg = load_train_config(path, ["data.root=elsewhere"])

@@ -23,8 +23,11 @@ class DataConfig:
 
     root / val_root: reader roots; relative paths resolve against the working
     directory (run from the repository root). val_reader defaults to reader.
-    height / width: network input, multiples of 32 (DepthNet's stride); the
-    default 256x320 is the nearest to a 240x320 camera.
+    height / width: the size frames are read at; the network's input, so multiples of 32
+    (the encoders' stride), unless the model resizes every input to its own
+    ``model.input_size`` (fastdepth): then any size, and the frames' own size (240x320
+    for the simulator) resamples each image once, as a camera's frame is resampled once
+    for the live node. The default 256x320 is the nearest multiple to a 240x320 camera.
     limit: use only the first N training frames.
     augment: horizontal flips and colour jitter; jitter: its strength s (brightness,
     contrast and saturation each scaled by U(1 - s, 1 + s); 0 < s < 1); zoom: with
@@ -48,9 +51,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("data.root must name a dataset folder or file")
-        if self.height % 32 or self.width % 32 or min(self.height, self.width) < 32:
-            raise ValueError(f"data.height/width must be positive multiples of 32, "
-                             f"got {self.height}x{self.width}")
+        if min(self.height, self.width) < 32:
+            raise ValueError(f"data.height/width must be at least 32, got {self.height}x{self.width}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"data.jitter must be in [0, 1), got {self.jitter}")
         if not 1.0 <= self.zoom <= 4.0:
@@ -117,6 +119,10 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if not self.model.resizes_input and (self.data.height % 32 or self.data.width % 32):
+            raise ValueError(f"data.height/width must be multiples of 32 (the encoder's stride) "
+                             f"for model '{self.model.name}' without its own input_size, "
+                             f"got {self.data.height}x{self.data.width}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         for name in ("log_every", "ckpt_every", "eval_every"):
