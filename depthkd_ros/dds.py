@@ -10,6 +10,7 @@ Other RMWs never read these variables, so setting them is harmless there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +18,10 @@ PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES
 FAST_DDS_2_DISTROS = ("humble", "iron", "jazzy")
 # config/ beside the package in a checkout; depth.launch.py passes the installed copy.
 SOURCE_PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds.xml"
+# Where the tools (demo, bench-node) apply the profile when no profile variable is set: to
+# both processes (the node, and the camera + subscriber they play), the node only (as
+# depth.launch.py with a driver started elsewhere), or neither (Fast DDS defaults).
+PROFILE_MODES = ("both", "node", "none")
 
 
 def profile_env(profile: Path, environ: Mapping[str, str]) -> dict[str, str]:
@@ -26,3 +31,17 @@ def profile_env(profile: Path, environ: Mapping[str, str]) -> dict[str, str]:
         return {}
     fast_dds_2 = environ.get("ROS_DISTRO", "") in FAST_DDS_2_DISTROS
     return {name: str(profile) for name in PROFILE_VARIABLES[:2 if fast_dds_2 else 1]}
+
+
+def profile_environments(mode: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(variables for a node process, for this process) that select the source profile
+    under ``mode`` (one of PROFILE_MODES); empty when the user set a profile of their own."""
+    if mode not in PROFILE_MODES:
+        raise ValueError(f"DDS profile mode must be one of {PROFILE_MODES}, got {mode!r}")
+    env = profile_env(SOURCE_PROFILE, os.environ) if mode != "none" else {}
+    return env, (env if mode == "both" else {})
+
+
+def profile_in_use(environ: Mapping[str, str]) -> str:
+    """The profile file Fast DDS loads in a process with ``environ``."""
+    return next((environ[v] for v in PROFILE_VARIABLES if environ.get(v)), "Fast DDS defaults")

@@ -65,8 +65,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     frames = len(SimFolder(PACKAGED_SEQUENCE))
     assert summary["frames_sent"] == frames
-    # Newest-frame-only may drop frames under load, but most must come through.
-    assert summary["frames_received"]["depth"] >= frames // 2
+    # Newest-frame-only may drop frames under load, but most must come through; the
+    # warm-up frames before playback are not counted.
+    assert frames // 2 <= summary["frames_received"]["depth"] <= frames
+    # What the node publishes arrives, on every topic (Fast DDS's default 512 KB
+    # shared-memory segment, without config/fastdds.xml, lost a preview in seven)
+    assert len(set(summary["frames_received"].values())) == 1, summary["frames_received"]
     assert summary["frames_received"]["points"] >= 1
     # The packaged student copies FastDepth (0.23 on this rendered clip; a random net is
     # above 0.5): it must be as useful here as its teacher.

@@ -20,9 +20,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import cv2
 import numpy as np
@@ -32,7 +31,7 @@ from depthkd_core.data.readers import SimFolder
 from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.inference import CLOUD_RESOLUTIONS, DepthEstimator, EstimatorConfig
 from depthkd_ros.conversions import depth_to_image, image_to_rgb, rgb_to_image
-from depthkd_ros.dds import PROFILE_VARIABLES, SOURCE_PROFILE, profile_env
+from depthkd_ros.dds import PROFILE_MODES, profile_environments, profile_in_use
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
 from depthkd_ros.depth_node import PARAMS
 from depthkd_ros.depth_pipeline import PACKAGED_MODEL, cloud_message
@@ -58,7 +57,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cloud-resolution", choices=CLOUD_RESOLUTIONS,
                         default=NODE_DEFAULTS["cloud_resolution"],
                         help="depth_node cloud_resolution (camera: a VGA cloud is 4.9 MB)")
-    parser.add_argument("--dds-profile", choices=("both", "node", "none"), default="both",
+    parser.add_argument("--dds-profile", choices=PROFILE_MODES, default="both",
                         help="where config/fastdds.xml applies when no profile variable is "
                              "set: both processes (node, and camera + subscriber here), the "
                              "node only (as depth.launch.py with a driver started elsewhere), "
@@ -109,12 +108,12 @@ def stage_timings(model_path: Path, rgb: np.ndarray, K, repeats: int, decimation
 
 def stream(model_path: Path, frames: list[np.ndarray], K, rate: float, duration: float,
            domain_id: int, log: Path, decimation: int, resolution: str,
-           node_env: dict[str, str]) -> dict[str, object]:
+           dds_profile: str) -> dict[str, object]:
     """A real node process fed at ``rate`` Hz for ``duration`` s; depth + points subscribed."""
     params = {"model_path": str(model_path.resolve()), "publish_colored": False,
               "cloud_decimation": decimation, "cloud_resolution": resolution}
     session = Session(params, domain_id, log, topics=("depth", "points"), keep_messages=False,
-                      node_env=node_env)
+                      dds_profile=dds_profile)
     try:
         stamps = session.play(frames, K, rate, duration_s=duration)
     finally:
@@ -143,24 +142,12 @@ def stream(model_path: Path, frames: list[np.ndarray], K, rate: float, duration:
             "diagnostics": diag}
 
 
-def dds_environments(mode: str) -> tuple[dict[str, str], dict[str, str]]:
-    """(variables for the node process, for this process) that select config/fastdds.xml
-    under ``--dds-profile`` ``mode``; empty when the user set a profile of their own."""
-    env = profile_env(SOURCE_PROFILE, os.environ) if mode != "none" else {}
-    return env, (env if mode == "both" else {})
-
-
-def profile_in_use(environ: Mapping[str, str]) -> str:
-    """The profile file Fast DDS loads in a process with ``environ``."""
-    return next((environ[v] for v in PROFILE_VARIABLES if environ.get(v)), "Fast DDS defaults")
-
-
 def run_stream(args: argparse.Namespace, model: Path, frames: list[np.ndarray], K,
-               rate: float, domain: int, node_env: dict[str, str]) -> dict[str, object]:
+               rate: float, domain: int) -> dict[str, object]:
     """One ``stream`` at ``rate``, printed."""
     s = stream(model, frames, K, rate, args.duration, domain,
                Path(tempfile.gettempdir()) / f"depthkd_bench_node.{int(rate)}hz.log",
-               args.cloud_decimation, args.cloud_resolution, node_env)
+               args.cloud_decimation, args.cloud_resolution, args.dds_profile)
     lat = s["latency"]
     print(f"  {rate:.0f} Hz for {args.duration:.0f} s: received in another process: depth "
           f"{s['output_hz']:.1f} Hz, points {s['points_hz']:.1f} Hz; drop rate "
@@ -189,7 +176,7 @@ def run_cli(args: argparse.Namespace) -> int:
     overhead = sum(stage[k] for k in ("decode", "preprocess", "postprocess", "cloud",
                                       "serialise"))
     ratio = overhead / stage["inference"]
-    node_env, own_env = dds_environments(args.dds_profile)
+    node_env, own_env = profile_environments(args.dds_profile)
     profiles = {"node": profile_in_use({**os.environ, **node_env}),
                 "camera_and_subscriber": profile_in_use({**os.environ, **own_env})}
     report: dict[str, object] = {"model": str(model), "camera": [args.width, args.height],
@@ -212,11 +199,8 @@ def run_cli(args: argparse.Namespace) -> int:
           f"{stage['cloud_mb']:.1f} MB {stage['memcpy_cloud_bytes']:.2f} ms "
           f"({stage['cloud'] / max(stage['memcpy_cloud_bytes'], 1e-6):.1f}x)")
     domain = args.domain_id if args.domain_id is not None else default_domain_id()
-    # Fast DDS reads its profile when this process's first participant is created (the
-    # camera player's); restored afterwards for callers that go on (the tests).
-    with mock.patch.dict(os.environ, own_env):
-        streams = [run_stream(args, model, frames, K, float(rate), domain, node_env)
-                   for rate in args.rates.split(",") if rate.strip()]
+    streams = [run_stream(args, model, frames, K, float(rate), domain)
+               for rate in args.rates.split(",") if rate.strip()]
     report["streams"] = streams
     if streams:
         first = streams[0]

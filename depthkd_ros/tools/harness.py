@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import rclpy
@@ -31,7 +32,9 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from depthkd_core.geometry import Intrinsics
 from depthkd_ros.conversions import (intrinsics_to_camera_info, rgb_to_compressed, rgb_to_image,
                                      stamp_ns)
+from depthkd_ros.dds import profile_environments
 
+WARM_UP_RETRY_S = 1.0  # a warm-up frame not answered on every topic by then is sent again
 OUTPUT_TOPICS = {"depth": Image, "depth/camera_info": CameraInfo,
                  "depth/colored": Image, "points": PointCloud2}
 
@@ -45,10 +48,12 @@ def cdr_stamp_ns(serialized: bytes) -> int:
 
 @dataclass
 class Received:
-    """Messages per output topic keyed by input stamp, and each one's latency (ms)."""
+    """Outputs of recorded frames: messages per topic keyed by input stamp (with
+    ``keep_messages``), each one's latency (ms) and the input stamps seen per topic."""
 
     messages: dict[str, dict[int, Any]] = field(default_factory=dict)
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    stamps: dict[str, set[int]] = field(default_factory=dict)
     diagnostics: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,7 +64,9 @@ class CameraPlayer(Node):
     subscribes to the serialized bytes: deserialising megabyte clouds in Python
     would measure this process, not the node (RViz, a C++ subscriber, pays far less).
     ``namespace`` is the camera's (topics are relative); ``transport`` ``compressed``
-    publishes JPEG on ``image/compressed`` as image_transport does.
+    publishes JPEG on ``image/compressed`` as image_transport does. Outputs of frames
+    published with ``record=False`` (warm-up) are seen by ``wait_for_outputs`` but not
+    recorded.
     """
 
     def __init__(self, context: Context, topics: tuple[str, ...] = tuple(OUTPUT_TOPICS),
@@ -73,10 +80,14 @@ class CameraPlayer(Node):
         self._info_pub = self.create_publisher(CameraInfo, "camera_info", qos)
         self.received = Received()
         self._keep = keep_messages
-        self._lock = threading.Lock()
+        self._recording: set[int] = set()
+        self._seen: dict[str, set[int]] = {}
+        self._arrived = threading.Condition()  # notified by every output
         for topic in topics:
             self.received.messages[topic] = {}
             self.received.latency_ms[topic] = []
+            self.received.stamps[topic] = set()
+            self._seen[topic] = set()
             self.create_subscription(OUTPUT_TOPICS[topic], topic,
                                      lambda msg, t=topic: self._on_output(t, msg), qos,
                                      raw=not keep_messages)
@@ -85,28 +96,43 @@ class CameraPlayer(Node):
     def _on_output(self, topic: str, msg: Any) -> None:
         now = time.time_ns()
         stamp = stamp_ns(msg.header) if self._keep else cdr_stamp_ns(msg)
-        with self._lock:
-            self.received.latency_ms[topic].append((now - stamp) / 1e6)
-            if self._keep:
-                self.received.messages[topic][stamp] = msg
+        with self._arrived:
+            self._seen[topic].add(stamp)
+            if stamp in self._recording:
+                self.received.latency_ms[topic].append((now - stamp) / 1e6)
+                self.received.stamps[topic].add(stamp)
+                if self._keep:
+                    self.received.messages[topic][stamp] = msg
+            self._arrived.notify_all()
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         # Keep the last period that processed frames: the final ones after playback are idle.
         for status in msg.status:
             if "depth estimation" in status.name and status.message == "running":
-                with self._lock:
+                with self._arrived:
                     self.received.diagnostics = {kv.key: kv.value for kv in status.values}
 
-    def publish_frame(self, rgb: np.ndarray, K: Intrinsics, frame_id: str = "camera_optical"
-                      ) -> int:
+    def publish_frame(self, rgb: np.ndarray, K: Intrinsics, frame_id: str = "camera_optical",
+                      record: bool = True) -> int:
         """Publish one frame stamped now; returns the stamp (ns) that identifies it."""
         now = time.time_ns()
+        if record:
+            with self._arrived:
+                self._recording.add(now)
         image = rgb_to_compressed(rgb) if self._compressed else rgb_to_image(rgb, "rgb8")
         image.header.stamp.sec, image.header.stamp.nanosec = divmod(now, 1_000_000_000)
         image.header.frame_id = frame_id
         self._info_pub.publish(intrinsics_to_camera_info(K, image.header))
         self._image_pub.publish(image)
         return now
+
+    def wait_for_outputs(self, stamps: list[int], timeout_s: float) -> bool:
+        """Until every subscribed topic has brought an output of each of ``stamps``;
+        False after ``timeout_s``."""
+        wanted = set(stamps)
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: all(wanted <= seen for seen in self._seen.values()), timeout_s)
 
     def connected(self) -> bool:
         """True once the node subscribes to our image and publishes every output we record."""
@@ -173,15 +199,24 @@ def _ros_value(value: Any) -> str:
 
 
 class Session:
-    """rclpy context + CameraPlayer spinning on a background thread + the node process
-    (``node_env``: variables added to its environment)."""
+    """rclpy context + CameraPlayer spinning on a background thread + the node process.
+
+    ``dds_profile`` (one of ``dds.PROFILE_MODES``): where config/fastdds.xml applies, as
+    depth.launch.py gives it to the nodes it starts; Fast DDS's defaults lose fragments of
+    messages above its 512 KB shared-memory segment (a preview image beside a cloud).
+    """
 
     def __init__(self, node_params: dict[str, Any], domain_id: int, log_path: Path,
                  topics: tuple[str, ...] = tuple(OUTPUT_TOPICS), keep_messages: bool = True,
-                 start_timeout_s: float = 60.0, node_env: dict[str, str] | None = None) -> None:
+                 start_timeout_s: float = 60.0, dds_profile: str = "both") -> None:
+        self.start_timeout_s = start_timeout_s
+        node_env, own_env = profile_environments(dds_profile)
         self.context = Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.player = CameraPlayer(self.context, topics, keep_messages)
+        # Fast DDS reads its profile when this process's first participant is created;
+        # restored afterwards for callers that go on (the tests).
+        with mock.patch.dict(os.environ, own_env):
+            rclpy.init(context=self.context, domain_id=domain_id)
+            self.player = CameraPlayer(self.context, topics, keep_messages)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.player)
         self._spinner = threading.Thread(target=self._spin, daemon=True)
@@ -210,12 +245,26 @@ class Session:
                 raise TimeoutError(f"depth_node did not connect within {timeout_s:.0f} s; "
                                    f"log: {self.node.log_path}")
             time.sleep(0.1)
-        time.sleep(0.5)  # let DDS finish matching in both directions
+
+    def warm_up(self, rgb: np.ndarray, K: Intrinsics) -> None:
+        """Publish unrecorded frames until one comes back on every recorded topic. DDS
+        matches each direction on its own, and the node publishes a topic only once it
+        counts a subscriber there: a frame played before would lose outputs that no fault
+        of the node's lost."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.player.wait_for_outputs([self.player.publish_frame(rgb, K, record=False)],
+                                               WARM_UP_RETRY_S):
+            self.node.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"depth_node did not answer a frame on every topic within "
+                                   f"{self.start_timeout_s:.0f} s; log: {self.node.log_path}")
 
     def play(self, frames: list[np.ndarray], K: Intrinsics, rate_hz: float,
              duration_s: float | None = None, drain_s: float = 2.0) -> list[int]:
-        """Publish frames at ``rate_hz`` (cycling for ``duration_s`` if given); return stamps.
+        """After ``warm_up``, publish frames at ``rate_hz`` (cycling for ``duration_s`` if
+        given), then wait up to ``drain_s`` for their outputs; return their stamps.
         ``play_cpu_s`` is then the CPU time the node process spent meanwhile."""
+        self.warm_up(frames[0], K)
         count = len(frames) if duration_s is None else max(1, int(round(duration_s * rate_hz)))
         period = 1.0 / rate_hz
         stamps = []
@@ -229,7 +278,7 @@ class Session:
             if i % 10 == 0:
                 self.node.sample_memory()
                 self.node.check_alive()
-        time.sleep(drain_s)
+        self.player.wait_for_outputs(stamps, drain_s)  # frames the node dropped never come
         self.play_cpu_s = self.node.cpu_seconds() - cpu_start
         return stamps
 
