@@ -25,7 +25,7 @@ from pathlib import Path
 from depthkd_core.atomic import atomic_open
 from depthkd_core.bench.cache import file_sha256
 from depthkd_core.config import load_config
-from depthkd_core.models.config import ModelConfig
+from depthkd_core.models.config import FASTDEPTH_DECODER_STAGES, ModelConfig
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
 
@@ -43,9 +43,9 @@ class StudentRecipe:
     fraction of its channels (multiples of 8; a stride not given keeps all), the channels
     that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
     the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning. A
-    student with ``model.decoder_stages`` < 5 (an override) starts, likewise, from the
-    teacher cut after that stage, its new output conv fitted on the same frames
-    (``cut_decoder``).
+    student that cuts its decoder (``model.decoder_stages``, an override) starts,
+    likewise, from the teacher cut after that stage, its new output conv fitted on the
+    same frames (``cut_decoder``).
     sim_*: the transfer set (style, or styles joined by "+", frames, seed, rendered
     size); val_*: held-out simulated frames (another seed) that judge the student before
     it ships. judge_styles: styles whose own held-out frames also judge it, one by one
@@ -149,7 +149,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         overrides.append(f"model.pretrained={recipe.teacher}")
     cfg = load_distill_config(recipe.distill, overrides)
     cfg = replace(cfg, out_dir=str(out / "distill"), resume=True)
-    if recipe.init_from_teacher and (recipe.prune_ratios or cfg.model.decoder_stages < 5):
+    if recipe.init_from_teacher and (recipe.prune_ratios or cfg.model.cuts_decoder):
         cfg = replace(cfg, model=pruned_teacher(cfg.model, recipe, train, out / "pruned.pt"))
     resumed = bool(checkpoints(Path(cfg.out_dir)))
     if recipe.train:
@@ -209,7 +209,7 @@ def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, pa
     if model_cfg.name != "fastdepth":
         raise ValueError(f"prune_ratios apply to a fastdepth student, not '{model_cfg.name}'")
     if not path.is_file():
-        pruned = build_model(replace(model_cfg, decoder_stages=5))
+        pruned = build_model(replace(model_cfg, decoder_stages=FASTDEPTH_DECODER_STAGES))
         frames = build_reader("sim", data)
         images = torch.stack([torch.from_numpy(frames[i].rgb).permute(2, 0, 1).float() / 255.0
                               for i in range(min(recipe.prune_images, len(frames)))])
@@ -217,7 +217,7 @@ def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, pa
         images = resize(images, size)
         if recipe.prune_ratios:
             pruned = prune_fastdepth(pruned, *widths_by_stride(pruned, recipe.prune_ratios), images)
-        if model_cfg.decoder_stages < 5:
+        if model_cfg.cuts_decoder:
             pruned = cut_decoder(pruned, model_cfg.decoder_stages, images)
         save_checkpoint(path, pruned, pruned.cfg, prune_ratios=recipe.prune_ratios,
                         decoder_stages=model_cfg.decoder_stages, prune_images=len(images))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BIN_LAYOUTS = ("log", "linear")
+FASTDEPTH_DECODER_STAGES = 5  # NNConv5's; fastdepth.DECODER_CHANNELS has one width each
 
 
 @dataclass
@@ -90,10 +91,16 @@ class ModelConfig:
             raise ValueError(f"scale_head must be >= 0, got {self.scale_head}")
         if self.scale_head and self.name != "fastdepth":
             raise ValueError(f"scale_head is a fastdepth option; model '{self.name}' has none")
-        if not 1 <= self.decoder_stages <= 5:
-            raise ValueError(f"decoder_stages must be in 1..5, got {self.decoder_stages}")
-        if self.decoder_stages != 5 and self.name != "fastdepth":
+        if not 1 <= self.decoder_stages <= FASTDEPTH_DECODER_STAGES:
+            raise ValueError(f"decoder_stages must be in 1..{FASTDEPTH_DECODER_STAGES}, "
+                             f"got {self.decoder_stages}")
+        if self.cuts_decoder and self.name != "fastdepth":
             raise ValueError(f"decoder_stages is a fastdepth option; model '{self.name}' has none")
+
+    @property
+    def cuts_decoder(self) -> bool:
+        """Whether fewer than all of fastdepth's decoder stages run."""
+        return self.decoder_stages < FASTDEPTH_DECODER_STAGES
 
     @property
     def resizes_input(self) -> bool:

@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import FASTDEPTH_DECODER_STAGES, ModelConfig
 from .depthnet import MODELS
 from .teacher_base import resize
 
 # MobileNet v1 at width 1.0 (the FastDepth paper's encoder) and NNConv5's decoder.
 ENCODER_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 DECODER_CHANNELS = (512, 256, 128, 64, 32)
+assert len(DECODER_CHANNELS) == FASTDEPTH_DECODER_STAGES
 # Stride of each depthwise conv of the 13 blocks.
 BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
 # Decoder stage (1-based) -> the encoder output (0 = stem, i = block i) added after it.
