@@ -275,3 +275,10 @@ def test_kd_features_refuses_what_it_cannot_hold(assets: dict[str, Path], onnx_t
                                     "model.decoder_channels=[8,8,8,8,16]"))
     with pytest.raises(ValueError, match="layers"):
         build_method(_fastdepth_cfg(assets, onnx_teacher, "method_kwargs.layers=[E99]"))
+    cut = ("model.pretrained=null", "model.decoder_stages=2", "model.input_size=[32,32]")
+    with pytest.raises(ValueError, match=r"\['D3'\].*stops after stage 2"):
+        build_method(_fastdepth_cfg(assets, onnx_teacher, *cut, "method_kwargs.layers=[E13,D3]"))
+    # a student with its decoder cut is held to the maps it has, of the whole teacher
+    method, student = build_method(_fastdepth_cfg(assets, onnx_teacher, *cut))
+    assert len(method.feature_teacher.decoder) == 5 and len(student.decoder) == 2
+    assert float(method.step(student, _batch(method.cfg))["hints"]) > 0

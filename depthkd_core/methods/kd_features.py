@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from depthkd_core.methods.base import METHODS, DistillMethod
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher, build_model
+from depthkd_core.models.config import FASTDEPTH_DECODER_STAGES
 from depthkd_core.models.fastdepth import (DECODER_CHANNELS, ENCODER_CHANNELS, FastDepthNet,
                                            named_maps)
 
@@ -83,9 +84,16 @@ class KdFeatures(DistillMethod):
         super().__init__(teacher, student, cfg)
         if not isinstance(student, FastDepthNet):
             raise ValueError(f"kd_features needs a fastdepth student, got '{cfg.model.name}'")
+        absent = [name for name in self.options.layers
+                  if name.startswith("D") and int(name[1:]) > cfg.model.decoder_stages]
+        if absent:
+            raise ValueError(f"kd_features layers {absent}: the student's decoder stops after "
+                             f"stage {cfg.model.decoder_stages} (model.decoder_stages)")
         try:
+            # the teacher file is the whole network, whatever the student keeps of it
             module = build_model(replace(cfg.model, pretrained=cfg.teacher,
-                                         input_size=teacher.input_size))
+                                         input_size=teacher.input_size,
+                                         decoder_stages=FASTDEPTH_DECODER_STAGES))
         except ValueError as exc:
             raise ValueError(f"kd_features needs a FastDepth teacher file of the student's own "
                              f"widths ({cfg.teacher}): {exc}") from None
