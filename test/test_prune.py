@@ -16,9 +16,9 @@ WIDE = {"encoder_channels": (8, 16, 16, 24, 24, 32, 32, 32, 32, 32, 32, 32, 48, 
         "decoder_channels": (32, 32, 24, 16, 8)}
 
 
-def _wide(seed: int = 0) -> FastDepthNet:
+def _wide(seed: int = 0, scale_head: int = 0) -> FastDepthNet:
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="fastdepth", **WIDE)).eval()
+    model = build_model(ModelConfig(name="fastdepth", **WIDE, scale_head=scale_head)).eval()
     with torch.no_grad():  # each conv a positive weighted mean: no channel dead on every image
         for conv in model.convs_and_caps()[0][:-1]:
             conv.weight.abs_().div_(conv.weight.sum((1, 2, 3), keepdim=True))
@@ -36,6 +36,22 @@ def test_the_same_widths_give_the_same_network() -> None:
                            refit=False).eval()
     x = _images(2, seed=5)
     assert torch.equal(same(x), model(x))
+
+
+def test_a_trained_scale_head_is_kept_for_the_channels_kept() -> None:
+    model = _wide(scale_head=4)
+    with torch.no_grad():  # as if trained: the head no longer gives exactly 1
+        for layer in (model.scale.mlp[0], model.scale.mlp[-1]):
+            layer.weight.normal_(0.0, 0.5)
+            layer.bias.normal_(0.0, 0.5)
+    x = _images(2, seed=5)
+    same = prune_fastdepth(model, WIDE["encoder_channels"], WIDE["decoder_channels"], _images(),
+                           refit=False).eval()
+    assert torch.equal(same(x), model(x))
+    narrower = tuple(c - 8 if i == 13 else c for i, c in enumerate(WIDE["encoder_channels"]))
+    pruned = prune_fastdepth(model, narrower, WIDE["decoder_channels"], _images(), refit=False)
+    assert pruned.scale.mlp[0].weight.shape == (4, narrower[-1])
+    torch.testing.assert_close(pruned.scale.mlp[-1].weight, model.scale.mlp[-1].weight)
 
 
 def test_channels_nothing_reads_are_the_ones_removed_and_change_nothing() -> None:

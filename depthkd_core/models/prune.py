@@ -81,9 +81,10 @@ def prune_fastdepth(model: FastDepthNet, encoder_channels: tuple[int, ...],
                     decoder_channels: tuple[int, ...], images: torch.Tensor, refit: bool = True,
                     ridge: float = 1e-4, samples: int = 32768) -> FastDepthNet:
     """A FastDepthNet of the given (narrower) widths holding ``model``'s most important
-    channels (``channel_importance`` on ``images``), weights and activation caps copied;
-    with ``refit`` its pointwise convs are then refitted to ``model``'s outputs
-    (``_refit_pointwise``)."""
+    channels (``channel_importance`` on ``images``), weights and activation caps copied
+    (a scale head's too, for the bottleneck channels kept; the importance does not weigh
+    what the head reads); with ``refit`` its pointwise convs are then refitted to
+    ``model``'s outputs (``_refit_pointwise``)."""
     cfg: ModelConfig = replace(model.cfg, encoder_channels=tuple(encoder_channels),
                                decoder_channels=tuple(decoder_channels), pretrained=None)
     pruned = FastDepthNet(cfg)  # checks the skip widths agree
@@ -115,6 +116,11 @@ def prune_fastdepth(model: FastDepthNet, encoder_channels: tuple[int, ...],
             dst_cap.cap.copy_(src_cap.cap)
         for key, act in pruned.skip_acts.items():
             act.cap.copy_(model.skip_acts[key].cap)
+        if model.scale is not None:  # it reads the bottleneck's kept channels, averaged
+            head, source = pruned.scale.mlp, model.scale.mlp  # type: ignore[union-attr]
+            head[0].weight.copy_(source[0].weight[:, keep[f"E{len(encoder_channels) - 1}"]])
+            head[0].bias.copy_(source[0].bias)
+            head[-1].load_state_dict(source[-1].state_dict())
     if refit:
         _refit_pointwise(model, pruned, keep, images, ridge, samples)
     return pruned
