@@ -14,6 +14,7 @@ real frames judge a student (``depthkd bench-real``), they never make one.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import subprocess
@@ -22,10 +23,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from torch import nn
+
 from depthkd_core.atomic import atomic_open
 from depthkd_core.bench.cache import file_sha256
 from depthkd_core.config import load_config
 from depthkd_core.models.config import FASTDEPTH_DECODER_STAGES, ModelConfig
+from depthkd_core.models.interpolate import interpolate_weights
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
 
@@ -51,6 +55,12 @@ class StudentRecipe:
     it ships. judge_styles: styles whose own held-out frames also judge it, one by one
     (agreement on a look it was not trained on: the simulator's stand-in for a camera it
     never saw; ``held_out_by_style`` in the provenance).
+    weight_interpolation: alphas in (0, 1) (with init_from_teacher and train). Besides
+    the distilled student (alpha 1), the students ``(1 - alpha) * start + alpha *
+    distilled`` on the line from its starting weights (models/interpolate.py, WiSE-FT) are
+    judged on the held-out simulated frames, and the one with the best mean agreement over
+    the judged looks (``judge_styles``, else the transfer look's held-out frames) ships;
+    every candidate's figures are in the provenance. [] = the distilled student.
     export_height/width: the ONNX input size (the live node's model input)."""
 
     teacher: str
@@ -69,6 +79,7 @@ class StudentRecipe:
     val_frames: int = 100
     val_seed: int = 1000
     judge_styles: list[str] = field(default_factory=list)
+    weight_interpolation: list[float] = field(default_factory=list)
     export_height: int = 96
     export_width: int = 128
     out_dir: str = "runs/student/fastdepth"
@@ -87,6 +98,14 @@ class StudentRecipe:
                              "init_from_teacher: true")
         if self.prune_images < 1:
             raise ValueError(f"prune_images must be >= 1, got {self.prune_images}")
+        self.weight_interpolation = [float(a) for a in self.weight_interpolation]
+        if any(not 0.0 < a < 1.0 for a in self.weight_interpolation):
+            raise ValueError(f"weight_interpolation alphas must be in (0, 1), got "
+                             f"{self.weight_interpolation}")
+        if self.weight_interpolation and not (self.init_from_teacher and self.train):
+            raise ValueError("weight_interpolation blends the teacher's weights the student "
+                             "started from with the distilled ones: it needs "
+                             "init_from_teacher: true and train: true")
 
 
 def simulated_set(style: str, n: int, seed: int, height: int, width: int, workers: int,
@@ -156,17 +175,26 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         final = distill(cfg)
     else:
         final = save_checkpoint(out / "untrained.pt", build_model(cfg.model), cfg.model, step=0)
-    model, model_cfg, _ = load_checkpoint(final)
+    model, model_cfg, extra = load_checkpoint(final)
     frames = build_reader("sim", val)
     images = [frames[i].rgb for i in range(min(4, len(frames)))]
+    held_out = {style: simulated_set(style, recipe.val_frames, recipe.val_seed, recipe.sim_height,
+                                     recipe.sim_width, recipe.sim_workers)
+                for style in recipe.judge_styles}
+    interpolation = None
+    if recipe.weight_interpolation:
+        start_model = build_model(cfg.model)  # the weights distillation started from
+        alpha, interpolation = choose_interpolation(
+            start_model, model, recipe, held_out or {"held_out": val}, images,
+            out / "interpolation")
+        model.load_state_dict(interpolate_weights(start_model, model, alpha))
+        final = save_checkpoint(out / "interpolated.pt", model, model_cfg, step=extra["step"],
+                                interpolation_alpha=alpha)
     report = export_onnx(model, out / "student.onnx", recipe.export_height, recipe.export_width,
                          check_images=images)
     if not report.passed:
         raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
     copy_atomic(final, out / "student.pt")
-    held_out = {style: simulated_set(style, recipe.val_frames, recipe.val_seed, recipe.sim_height,
-                                     recipe.sim_width, recipe.sim_workers)
-                for style in recipe.judge_styles}
     by_style = sim_figures(out / "student.onnx", recipe.teacher, {"held_out": val, **held_out},
                            recipe.sim_height, recipe.sim_width)
     figures = by_style.pop("held_out")
@@ -185,6 +213,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
                  "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
         "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},
         "held_out_by_style": by_style,
+        "weight_interpolation": interpolation,
         "recipe": asdict(recipe), "wall_time_s": round(time.monotonic() - start, 1),
         # a resumed run's wall time leaves out the steps of earlier runs
         "resumed": resumed,
@@ -192,6 +221,32 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     with atomic_open(out / "student.json", "w") as f:
         f.write(json.dumps(provenance, indent=1) + "\n")
     return out
+
+
+def choose_interpolation(start: nn.Module, tuned: nn.Module, recipe: StudentRecipe,
+                         judged: dict[str, Path], images: list, work: Path
+                         ) -> tuple[float, dict[str, object]]:
+    """The alpha among ``recipe.weight_interpolation`` and 1 whose interpolated student
+    agrees best with the teacher on ``judged`` (mean agreement delta1 over the sets, each
+    student exported and run as it would ship), and every alpha's figures."""
+    from depthkd_core.export.onnx_export import export_onnx
+
+    figures: dict[str, dict[str, float]] = {}
+    for alpha in sorted({*recipe.weight_interpolation, 1.0}):
+        tuned_copy = copy.deepcopy(tuned)
+        tuned_copy.load_state_dict(interpolate_weights(start, tuned, alpha))
+        onnx = work / f"alpha_{alpha:.3f}.onnx"
+        report = export_onnx(tuned_copy, onnx, recipe.export_height, recipe.export_width,
+                             check_images=images)
+        if not report.passed:
+            raise ValueError(f"the interpolated student (alpha {alpha}) disagrees with its "
+                             f"export: {report.summary()}")
+        by_set = sim_figures(onnx, recipe.teacher, judged, recipe.sim_height, recipe.sim_width)
+        figures[f"{alpha:g}"] = {name: f["agree_delta1"] for name, f in by_set.items()}
+        figures[f"{alpha:g}"]["mean"] = sum(f["agree_delta1"] for f in by_set.values()) / len(by_set)
+    best = max(figures, key=lambda a: figures[a]["mean"])
+    return float(best), {"chosen": float(best), "judged_on": sorted(judged),
+                         "agree_delta1": figures}
 
 
 def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, path: Path) -> ModelConfig:

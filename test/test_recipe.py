@@ -15,6 +15,8 @@ from helpers import TINY_FASTDEPTH, save_tiny_fastdepth_onnx, write_linear_onnx
 from depthkd_core.cli import main
 from depthkd_core.models import ModelConfig, build_model, load_checkpoint, load_teacher
 from depthkd_core.bench.cache import file_sha256 as sha256
+from depthkd_core.models.interpolate import interpolate_weights
+from depthkd_core.recipe import StudentRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,53 @@ def test_make_student_end_to_end(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                                  imported.state_dict().values()))
     assert not torch.equal(model.out.weight, initial.out.weight)  # training moved it
     assert json.loads((untrained / "student.json").read_text())["steps"] == 0
+
+
+def test_interpolate_weights_is_the_line_between_two_networks() -> None:
+    start = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH))
+    torch.manual_seed(1)
+    tuned = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH))
+    for alpha, expect in ((0.0, start), (1.0, tuned)):
+        got = interpolate_weights(start, tuned, alpha)
+        assert all(torch.equal(got[k], v) for k, v in expect.state_dict().items())
+    half = interpolate_weights(start, tuned, 0.5)
+    assert not any(v.isnan().any() for v in half.values() if v.is_floating_point())  # inf caps
+    torch.testing.assert_close(half["out.weight"], (start.out.weight + tuned.out.weight) / 2)
+    with pytest.raises(ValueError, match="different shapes"):
+        interpolate_weights(start, build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH,
+                                                           decoder_stages=2)), 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate_weights(start, tuned, 1.5)
+
+
+def test_the_recipe_ships_the_interpolated_student_its_held_out_frames_prefer(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    out = workdir / "runs" / "student" / "tiny_wise"
+    assert main(["make-student", "--config", "tiny.yaml", "weight_interpolation=[0.5]",
+                 f"out_dir={out}"]) == 0
+    provenance = json.loads((out / "student.json").read_text())
+    blend = provenance["weight_interpolation"]
+    means = {alpha: figures["mean"] for alpha, figures in blend["agree_delta1"].items()}
+    assert sorted(means) == ["0.5", "1"] and blend["judged_on"] == ["indoor"]
+    assert blend["chosen"] == float(max(means, key=means.get))
+    start = build_model(ModelConfig(name="fastdepth", pretrained=str(workdir / "teacher.onnx"),
+                                    input_size=(32, 32), **TINY_FASTDEPTH))
+    distilled, _, _ = load_checkpoint(out / "distill" / "final.pt")
+    shipped, _, extra = load_checkpoint(out / "student.pt")
+    assert extra["interpolation_alpha"] == blend["chosen"] and extra["step"] == 3
+    expected = interpolate_weights(start, distilled, blend["chosen"])
+    assert all(torch.allclose(v, expected[k]) for k, v in shipped.state_dict().items())
+    # the ONNX is the shipped checkpoint; the figures judged it as it ships
+    x = torch.rand(1, 3, 32, 32)
+    onnx = load_teacher(out / "student.onnx")
+    assert np.abs(onnx(x).numpy() - shipped.eval()(x).detach().numpy()).max() < 1e-4
+    assert provenance["held_out_by_style"]["indoor"]["agree_delta1"] == pytest.approx(
+        means[f"{blend['chosen']:g}"], abs=1e-6)
+    with pytest.raises(ValueError, match="init_from_teacher"):
+        StudentRecipe(teacher="t", distill="d", weight_interpolation=[0.5])
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        StudentRecipe(teacher="t", distill="d", init_from_teacher=True, weight_interpolation=[1.0])
 
 
 def _write_nyu_frames(root: Path, n: int) -> Path:
