@@ -49,11 +49,10 @@ def cdr_stamp_ns(serialized: bytes) -> int:
 @dataclass
 class Received:
     """Outputs of recorded frames: messages per topic keyed by input stamp (with
-    ``keep_messages``), each one's latency (ms) and the input stamps seen per topic."""
+    ``keep_messages``) and each one's latency (ms)."""
 
     messages: dict[str, dict[int, Any]] = field(default_factory=dict)
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
-    stamps: dict[str, set[int]] = field(default_factory=dict)
     diagnostics: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,7 +85,6 @@ class CameraPlayer(Node):
         for topic in topics:
             self.received.messages[topic] = {}
             self.received.latency_ms[topic] = []
-            self.received.stamps[topic] = set()
             self._seen[topic] = set()
             self.create_subscription(OUTPUT_TOPICS[topic], topic,
                                      lambda msg, t=topic: self._on_output(t, msg), qos,
@@ -100,7 +98,6 @@ class CameraPlayer(Node):
             self._seen[topic].add(stamp)
             if stamp in self._recording:
                 self.received.latency_ms[topic].append((now - stamp) / 1e6)
-                self.received.stamps[topic].add(stamp)
                 if self._keep:
                     self.received.messages[topic][stamp] = msg
             self._arrived.notify_all()
