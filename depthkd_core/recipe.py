@@ -232,6 +232,7 @@ def choose_interpolation(start: nn.Module, tuned: nn.Module, recipe: StudentReci
     from depthkd_core.export.onnx_export import export_onnx
 
     figures: dict[str, dict[str, float]] = {}
+    means: dict[float, float] = {}
     for alpha in sorted({*recipe.weight_interpolation, 1.0}):
         tuned_copy = copy.deepcopy(tuned)
         tuned_copy.load_state_dict(interpolate_weights(start, tuned, alpha))
@@ -242,11 +243,11 @@ def choose_interpolation(start: nn.Module, tuned: nn.Module, recipe: StudentReci
             raise ValueError(f"the interpolated student (alpha {alpha}) disagrees with its "
                              f"export: {report.summary()}")
         by_set = sim_figures(onnx, recipe.teacher, judged, recipe.sim_height, recipe.sim_width)
-        figures[f"{alpha:g}"] = {name: f["agree_delta1"] for name, f in by_set.items()}
-        figures[f"{alpha:g}"]["mean"] = sum(f["agree_delta1"] for f in by_set.values()) / len(by_set)
-    best = max(figures, key=lambda a: figures[a]["mean"])
-    return float(best), {"chosen": float(best), "judged_on": sorted(judged),
-                         "agree_delta1": figures}
+        means[alpha] = sum(f["agree_delta1"] for f in by_set.values()) / len(by_set)
+        figures[f"{alpha:g}"] = {**{name: f["agree_delta1"] for name, f in by_set.items()},
+                                 "mean": means[alpha]}
+    best = max(means, key=means.__getitem__)
+    return best, {"chosen": best, "judged_on": sorted(judged), "agree_delta1": figures}
 
 
 def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, path: Path) -> ModelConfig:
