@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import TINY_FASTDEPTH
 from torch import Tensor, nn
 
 from depthkd_core.cli import main
@@ -19,7 +20,7 @@ from depthkd_core.losses import build_loss
 from depthkd_core.models import ModelConfig, build_model, load_checkpoint
 from depthkd_core.train.config import DataConfig, OptimConfig, TrainConfig, load_train_config
 from depthkd_core.train.supervised import supervised_step
-from depthkd_core.train.trainer import Trainer, checkpoints, seed_everything
+from depthkd_core.train.trainer import Trainer, checkpoints, seed_everything, trainable_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(encoder="mobilenetv2_050", decoder_channels=(16, 16, 8, 8))
@@ -136,6 +137,11 @@ def test_frozen_parameters_stay_as_they_start_and_a_typo_is_refused(frames: list
     with pytest.raises(ValueError, match="no parameter of the model starts with 'encoderr.'"):
         Trainer(build_model(MODEL), supervised_step(build_loss("l1")), DepthDataset(frames, 32, 32),
                 make_cfg(tmp_path / "typo", optim=OptimConfig(frozen=("encoderr.",))))
+    deep = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH))
+    trainable_parameters(deep, ("encoder.layers.1",))  # layer 1 only, by whole components
+    still = {n for n, p in deep.named_parameters() if p.requires_grad}
+    assert any(n.startswith("encoder.layers.10.") for n in still)
+    assert not any(n.startswith("encoder.layers.1.") for n in still)
     with pytest.raises(ValueError, match="leaves no parameter to train"):
         Trainer(build_model(MODEL), supervised_step(build_loss("l1")), DepthDataset(frames, 32, 32),
                 make_cfg(tmp_path / "all", optim=OptimConfig(frozen=("",))))

@@ -68,7 +68,8 @@ class OptimConfig:
     scheduler: "cosine" anneals to 0 over max_steps; "step" multiplies the rate
     by gamma every step_size steps; "none" keeps it constant.
     grad_clip: max global gradient norm (None: no clipping).
-    frozen: prefixes of the model's parameter names (``encoder.``, ``decoder.0.``) kept as
+    frozen: prefixes of the model's parameter names, by whole dotted components
+        (``encoder``, ``decoder.0``, ``encoder.layers.1``: layer 1, not 10-13), kept as
         they start: no gradient, not in the optimiser. For a student that starts as its
         teacher: what it need not change is not moved by a transfer set that is not the
         teacher's data. Each prefix must name at least one parameter.

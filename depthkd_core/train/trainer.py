@@ -81,16 +81,23 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> Optimizer:
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` or under it, by whole dotted components:
+    ``encoder.layers.1`` names layer 1, not layers 10 to 13; "" names everything."""
+    stem = prefix.rstrip(".")
+    return not stem or name == stem or name.startswith(stem + ".")
+
+
 def trainable_parameters(model: nn.Module, frozen: tuple[str, ...]) -> list[nn.Parameter]:
     """``model``'s parameters except those named under a ``frozen`` prefix, which stop
     taking gradients; ValueError for a prefix that names none (a typo would train all)."""
     named = list(model.named_parameters())
     for prefix in frozen:
-        if not any(name.startswith(prefix) for name, _ in named):
+        if not any(_under(name, prefix) for name, _ in named):
             raise ValueError(f"optim.frozen: no parameter of the model starts with '{prefix}'")
     trainable = []
     for name, param in named:
-        if any(name.startswith(prefix) for prefix in frozen):
+        if any(_under(name, prefix) for prefix in frozen):
             param.requires_grad_(False)
         else:
             trainable.append(param)
