@@ -166,7 +166,7 @@ class FastDepthNet(nn.Module):
         y = self.out(y)
         if self.scale is not None:
             y = y * self.scale(feats[-1])
-        if len(self.decoder) == len(DECODER_CHANNELS):
+        if not self.cfg.cuts_decoder:
             depth = F.interpolate(self.out_act(y), scale_factor=2.0, mode="nearest")
         else:
             depth = F.interpolate(self.out_act(y), size=x.shape[-2:], mode="bilinear",
@@ -200,8 +200,8 @@ def build_fastdepth(cfg: ModelConfig) -> FastDepthNet:
     if cfg.pretrained is None:
         return model
     if Path(cfg.pretrained).suffix == ".onnx":
-        if cfg.decoder_stages != len(DECODER_CHANNELS):
-            raise ValueError(f"{cfg.pretrained} holds all {len(DECODER_CHANNELS)} decoder stages; "
+        if cfg.cuts_decoder:
+            raise ValueError(f"{cfg.pretrained} holds all {FASTDEPTH_DECODER_STAGES} decoder stages; "
                              f"a fastdepth with decoder_stages={cfg.decoder_stages} needs its new "
                              "output conv fitted: import the whole network and cut it with "
                              "models.prune.cut_decoder (the student recipe does)")
