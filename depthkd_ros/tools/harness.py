@@ -246,8 +246,8 @@ class Session:
     def warm_up(self, rgb: np.ndarray, K: Intrinsics) -> None:
         """Publish unrecorded frames until one comes back on every recorded topic. DDS
         matches each direction on its own, and the node publishes a topic only once it
-        counts a subscriber there: a frame played before would lose outputs that no fault
-        of the node's lost."""
+        counts a subscriber there: a frame played before that would lose outputs through no
+        fault of the node's."""
         deadline = time.monotonic() + self.start_timeout_s
         while not self.player.wait_for_outputs([self.player.publish_frame(rgb, K, record=False)],
                                                WARM_UP_RETRY_S):
