@@ -39,14 +39,26 @@ def test_registered_shape_finite_backward() -> None:
                                       for p in model.parameters())
 
 
+@pytest.mark.parametrize("stages", [5, 2])
+def test_any_size_runs_each_upsampled_grid_cropped_to_its_skip(stages: int) -> None:
+    # 50 and 70 round up at every stride-2 conv (50 -> 25 -> 13 -> 7 -> 4 -> 2), so a
+    # doubled grid is a cell longer than the skip it is added to
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH, decoder_stages=stages))
+    out = model.forward_dict(torch.rand(1, 3, 50, 70))
+    assert out["depth"].shape == (1, 1, 50, 70) and torch.isfinite(out["depth"]).all()
+    grids = [tuple(out["features"][b].shape[-2:]) for b in (11, 5, 3, 1)][:stages]
+    assert [tuple(d.shape[-2:]) for d in out["decoder_features"]][:4] == grids
+
+
 def test_width_and_size_errors() -> None:
     with pytest.raises(ValueError, match="is added to encoder block"):
         build_model(ModelConfig(name="fastdepth", encoder_channels=(8,) * 14,
                                 decoder_channels=(8, 16, 8, 8, 8)))
     with pytest.raises(ValueError, match="14 encoder_channels"):
         build_model(ModelConfig(name="fastdepth", encoder_channels=(8,) * 3))
-    with pytest.raises(ValueError, match="multiple of 32"):
-        _tiny()(torch.rand(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="below 32"):
+        _tiny()(torch.rand(1, 3, 24, 64))
     with pytest.raises(ValueError, match="decoder_stages must be in 1..5"):
         ModelConfig(name="fastdepth", decoder_stages=0)
     with pytest.raises(ValueError, match="decoder_stages is a fastdepth option"):

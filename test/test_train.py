@@ -153,8 +153,8 @@ def test_frame_size_must_suit_the_network_unless_it_resizes_its_input(tmp_path: 
     own_size = ModelConfig(name="fastdepth", input_size=(192, 192))
     cfg = make_cfg(tmp_path, data=DataConfig(root="x", height=240, width=320), model=own_size)
     assert cfg.model.resizes_input and not MODEL.resizes_input
-    with pytest.raises(ValueError, match="input_size must be multiples of 32"):
-        ModelConfig(name="fastdepth", input_size=(200, 192))
+    with pytest.raises(ValueError, match="input_size must be"):
+        ModelConfig(name="fastdepth", input_size=(16, 192))
 
 
 def test_repo_configs_parse() -> None:

@@ -29,7 +29,7 @@ class ModelConfig:
         teacher, models/prune.py) whose weights initialise the whole model.
     input_size: (H, W) the encoder is built for; needed by ViT encoders (fixed
         position embeddings) and used as Swin's reference size; None = any size.
-        fastdepth runs at it whatever size it is given (multiples of 32; antialiased
+        fastdepth runs at it whatever size it is given (any size >= 32; antialiased
         resize in, bilinear out), so it then takes images of any size.
     lgconv_stages: encoder feature stages wrapped in LG-Conv (DisDepth; negative
         from the deepest, e.g. (-4, -3, -2, -1)); () = none. CNN encoders only.
@@ -82,8 +82,6 @@ class ModelConfig:
             if len(self.input_size) != 2 or min(self.input_size) < 32:
                 raise ValueError(f"input_size must be (H, W) >= 32, got {self.input_size}")
             self.input_size = (int(self.input_size[0]), int(self.input_size[1]))
-            if self.name == "fastdepth" and (self.input_size[0] % 32 or self.input_size[1] % 32):
-                raise ValueError(f"fastdepth's input_size must be multiples of 32, got {self.input_size}")
         self.lgconv_stages = tuple(int(s) for s in self.lgconv_stages)
         if self.lgconv_heads < 1:
             raise ValueError(f"lgconv_heads must be >= 1, got {self.lgconv_heads}")

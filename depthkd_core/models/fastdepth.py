@@ -47,6 +47,10 @@ assert len(DECODER_CHANNELS) == FASTDEPTH_DECODER_STAGES
 BLOCK_STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
 # Decoder stage (1-based) -> the encoder output (0 = stem, i = block i) added after it.
 SKIPS = {2: 5, 3: 3, 4: 1}
+# Decoder stage (1-based) -> an encoder output on the grid its x2 upsampling lands on
+# (strides 16, 8, 4, 2). A side that is not a multiple of 32 is rounded up at each
+# stride-2 conv, so the doubled grid can be a cell too long: cropped to this one's size.
+STAGE_GRIDS = {1: 11, 2: 5, 3: 3, 4: 1}
 
 
 class CappedReLU(nn.Module):
@@ -76,7 +80,7 @@ class ConvAct(nn.Sequential):
 class FastDepthEncoder(nn.Module):
     """Stem + 13 depthwise-separable blocks; returns every block's output (stem first)."""
 
-    fixed_size = None  # any multiple of 32 (the same contract as the timm encoders)
+    fixed_size = None  # any size >= 32 (FastDepthNet crops each upsampled grid to its skip's)
     reductions = (2, 2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32)
 
     def __init__(self, channels: tuple[int, ...]) -> None:
@@ -110,7 +114,7 @@ class GlobalScale(nn.Module):
 
 
 class FastDepthNet(nn.Module):
-    """RGB [0,1] (B,3,H,W), H and W multiples of 32 -> metric depth (B,1,H,W)."""
+    """RGB [0,1] (B,3,H,W), H and W >= 32 -> metric depth (B,1,H,W)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -141,8 +145,8 @@ class FastDepthNet(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"FastDepthNet expects images (B,3,H,W), got shape {tuple(x.shape)}")
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 32")
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is below 32, the encoder's stride")
 
     def forward_dict(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Depth (at the input size) plus the encoder "features" and "decoder_features"
@@ -157,7 +161,8 @@ class FastDepthNet(nn.Module):
         for i, stage in enumerate(self.decoder, start=1):
             y = stage(y)
             if i < len(DECODER_CHANNELS):
-                y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+                grid = feats[STAGE_GRIDS[i]].shape[-2:]
+                y = F.interpolate(y, scale_factor=2.0, mode="nearest")[..., :grid[0], :grid[1]]
             if i in SKIPS:
                 y = self.skip_acts[str(i)](y + feats[SKIPS[i]])
             dec.append(y)
@@ -167,7 +172,8 @@ class FastDepthNet(nn.Module):
         if self.scale is not None:
             y = y * self.scale(feats[-1])
         if not self.cfg.cuts_decoder:
-            depth = F.interpolate(self.out_act(y), scale_factor=2.0, mode="nearest")
+            depth = F.interpolate(self.out_act(y), scale_factor=2.0,
+                                  mode="nearest")[..., :x.shape[-2], :x.shape[-1]]
         else:
             depth = F.interpolate(self.out_act(y), size=x.shape[-2:], mode="bilinear",
                                   align_corners=False)
