@@ -89,7 +89,8 @@ def cloud_message(result: DepthResult, rgb: np.ndarray | None, resolution: str,
     """The ``points`` message of a frame: ``result``'s depth on the ``cloud_resolution``
     grid, every ``decimation``-th row and column, coloured by ``rgb`` (resized) if given."""
     depth, K = result.cloud_grid(resolution)
-    points, colors = build_point_cloud(depth, K, decimation, rgb)
+    colors = None if rgb is None else result.cloud_colors(resolution, rgb)
+    points, colors = build_point_cloud(depth, K, decimation, colors)
     return points_to_pointcloud2(points, header, colors)
 
 

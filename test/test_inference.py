@@ -10,6 +10,7 @@ import pytest
 
 from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry import Intrinsics
+from depthkd_core.imaging import resize_rgb
 from depthkd_core.inference import (DepthEstimator, EstimatorConfig, build_point_cloud,
                                     decimated_intrinsics, sample_at_sparse)
 from helpers import FASTDEPTH, TUM, write_bright_nan_onnx, write_linear_onnx
@@ -86,6 +87,11 @@ def test_model_grid_beside_camera_depth(ramp_model: OnnxDepthModel) -> None:
     assert model.model_depth is model.depth and model.cloud_grid("camera")[1] == model.intrinsics
     with pytest.raises(ValueError, match="cloud resolution must be one of"):
         camera.cloud_grid("full")
+    # The cloud's colours on the model grid are the network's own input, not a second resize.
+    assert camera.network_rgb.shape == (24, 32, 3)
+    np.testing.assert_array_equal(camera.network_rgb, resize_rgb(rgb, 24, 32))
+    assert camera.cloud_colors("model", rgb) is camera.network_rgb
+    assert camera.cloud_colors("camera", rgb) is rgb
 
 
 def test_network_size(ramp_model: OnnxDepthModel, tmp_path: Path) -> None:
