@@ -40,15 +40,18 @@ def test_registered_shape_finite_backward() -> None:
 
 
 @pytest.mark.parametrize("stages", [5, 2])
-def test_any_size_runs_each_upsampled_grid_cropped_to_its_skip(stages: int) -> None:
+def test_any_size_runs_each_upsampled_grid_cropped_to_its_skip(stages: int, tmp_path: Path) -> None:
     # 50 and 70 round up at every stride-2 conv (50 -> 25 -> 13 -> 7 -> 4 -> 2), so a
     # doubled grid is a cell longer than the skip it is added to
+    from depthkd_core.export.onnx_export import export_onnx
+
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH, decoder_stages=stages))
+    model = build_model(ModelConfig(name="fastdepth", **TINY_FASTDEPTH, decoder_stages=stages)).eval()
     out = model.forward_dict(torch.rand(1, 3, 50, 70))
     assert out["depth"].shape == (1, 1, 50, 70) and torch.isfinite(out["depth"]).all()
     grids = [tuple(out["features"][b].shape[-2:]) for b in (11, 5, 3, 1)][:stages]
     assert [tuple(d.shape[-2:]) for d in out["decoder_features"]][:4] == grids
+    assert export_onnx(model, tmp_path / "odd.onnx", 50, 70).passed  # the crops export too
 
 
 def test_width_and_size_errors() -> None:
