@@ -45,7 +45,7 @@ demo-assets: venv
 
 # The packaged student (depthkd_ros/models/student.onnx/.pt/.json) from the real teacher
 # in ../shared/models/fastdepth, through simulated images only (docs/student.md; about
-# 65 minutes on 2 CPU cores, resumable: run it again after an interruption).
+# 70 minutes on 2 CPU cores, resumable: run it again after an interruption).
 student: venv
 	$(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
 
