@@ -161,8 +161,7 @@ class FastDepthNet(nn.Module):
         for i, stage in enumerate(self.decoder, start=1):
             y = stage(y)
             if i < len(DECODER_CHANNELS):
-                grid = feats[STAGE_GRIDS[i]].shape[-2:]
-                y = F.interpolate(y, scale_factor=2.0, mode="nearest")[..., :grid[0], :grid[1]]
+                y = _double_to(y, feats[STAGE_GRIDS[i]].shape[-2:])
             if i in SKIPS:
                 y = self.skip_acts[str(i)](y + feats[SKIPS[i]])
             dec.append(y)
@@ -172,8 +171,7 @@ class FastDepthNet(nn.Module):
         if self.scale is not None:
             y = y * self.scale(feats[-1])
         if not self.cfg.cuts_decoder:
-            depth = F.interpolate(self.out_act(y), scale_factor=2.0,
-                                  mode="nearest")[..., :x.shape[-2], :x.shape[-1]]
+            depth = _double_to(self.out_act(y), x.shape[-2:])
         else:
             depth = F.interpolate(self.out_act(y), size=x.shape[-2:], mode="bilinear",
                                   align_corners=False)
@@ -190,6 +188,12 @@ class FastDepthNet(nn.Module):
             pairs += [(m[0], m[1]) for m in module.modules() if isinstance(m, ConvAct)]
         pairs.append((self.out, self.out_act))
         return [c for c, _ in pairs], [a for _, a in pairs]
+
+
+def _double_to(y: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Nearest x2 upsampling cropped to ``size``: where a side rounded up on the way down,
+    the doubled grid is a cell longer (an empty crop exports to nothing)."""
+    return F.interpolate(y, scale_factor=2.0, mode="nearest")[..., :size[0], :size[1]]
 
 
 def named_maps(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor]:
