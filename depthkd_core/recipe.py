@@ -44,12 +44,15 @@ class StudentRecipe:
     init_from_teacher, the teacher at the student's resolution: the baseline).
     prune_ratios: {stride: fraction} (with init_from_teacher, a FastDepth student): the
     student is the teacher with each layer at that feature stride (2..32) cut to that
-    fraction of its channels (multiples of 8; a stride not given keeps all), the channels
-    that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
+    fraction of its channels (rounded to ``prune_multiple``; a stride not given keeps all),
+    the channels that pass on most kept and the pointwise convs refitted to the teacher's outputs, on
     the first ``prune_images`` transfer frames (models/prune.py); {} = no pruning. A
     student that cuts its decoder (``model.decoder_stages``, an override) starts,
     likewise, from the teacher cut after that stage, its new output conv fitted on the
     same frames (``cut_decoder``).
+    prune_multiple: the channel multiple pruned widths round to: ONNX Runtime's CPU
+    convolutions work on blocks of channels (NCHWc: 16 wide with AVX-512, 8 with AVX2),
+    and a width between two multiples costs as much as the next one up.
     sim_*: the transfer set (style, or styles joined by "+", frames, seed, rendered
     size); val_*: held-out simulated frames (another seed) that judge the student before
     it ships. judge_styles: styles whose own held-out frames also judge it, one by one
@@ -69,6 +72,7 @@ class StudentRecipe:
     init_from_teacher: bool = False
     prune_ratios: dict[int, float] = field(default_factory=dict)
     prune_images: int = 64
+    prune_multiple: int = 8
     train: bool = True
     sim_style: str = "target"
     sim_frames: int = 2000
@@ -98,6 +102,8 @@ class StudentRecipe:
                              "init_from_teacher: true")
         if self.prune_images < 1:
             raise ValueError(f"prune_images must be >= 1, got {self.prune_images}")
+        if self.prune_multiple < 1:
+            raise ValueError(f"prune_multiple must be >= 1, got {self.prune_multiple}")
         self.weight_interpolation = [float(a) for a in self.weight_interpolation]
         if any(not 0.0 < a < 1.0 for a in self.weight_interpolation):
             raise ValueError(f"weight_interpolation alphas must be in (0, 1), got "
@@ -272,10 +278,12 @@ def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, pa
         size = model_cfg.input_size or (recipe.sim_height // 32 * 32, recipe.sim_width // 32 * 32)
         images = resize(images, size)
         if recipe.prune_ratios:
-            pruned = prune_fastdepth(pruned, *widths_by_stride(pruned, recipe.prune_ratios), images)
+            pruned = prune_fastdepth(pruned, *widths_by_stride(pruned, recipe.prune_ratios,
+                                                                recipe.prune_multiple), images)
         if model_cfg.cuts_decoder:
             pruned = cut_decoder(pruned, model_cfg.decoder_stages, images)
         save_checkpoint(path, pruned, pruned.cfg, prune_ratios=recipe.prune_ratios,
+                        prune_multiple=recipe.prune_multiple,
                         decoder_stages=model_cfg.decoder_stages, prune_images=len(images))
     _, cfg, _ = load_checkpoint(path)
     return replace(cfg, pretrained=str(path))

@@ -98,6 +98,19 @@ def test_pruning_only_removes_channels() -> None:
         widths_by_stride(model, {4: 1.5})
 
 
+def test_widths_round_to_the_multiple_only_at_the_strides_pruned() -> None:
+    """With ONNX Runtime's 16-channel blocks in mind (``prune_multiple``): a pruned stride's
+    widths are multiples of 16; a stride not named keeps its width even when it is not one
+    (40 at stride 8 would round down to 32)."""
+    model = build_model(ModelConfig(name="fastdepth",
+                                    encoder_channels=(8, 16, 16, 24, 40, 40, 32, 32, 32, 32, 32, 32, 48, 48),
+                                    decoder_channels=(32, 40, 24, 16, 8)))
+    encoder, decoder = widths_by_stride(model, {4: 0.9, 16: 0.9}, multiple=16)
+    assert encoder[2:4] == (16, 16) and encoder[6:12] == (32,) * 6  # strides 4 and 16: 16s
+    assert encoder[4:6] == (40, 40) and decoder[1] == 40  # stride 8 and its skip: kept
+    assert encoder[:2] == (8, 16) and encoder[12:] == (48, 48)
+
+
 def test_a_pruned_checkpoint_is_a_fastdepth_pretrained(tmp_path: Path) -> None:
     model = _wide()
     pruned = prune_fastdepth(model, *widths_by_stride(model, {2: 0.5, 16: 0.5}), _images())
@@ -124,8 +137,12 @@ def test_the_recipe_prunes_the_teacher_on_transfer_frames(tmp_path: Path) -> Non
     assert cfg.encoder_channels[5] == 16 and cfg.encoder_channels[6] == 32  # stride 8 cut, 16 not
     _, _, extra = load_checkpoint(tmp_path / "p.pt")
     assert extra["prune_ratios"] == ratios and extra["prune_images"] == 2
+    assert extra["prune_multiple"] == 8
     with pytest.raises(ValueError, match="init_from_teacher"):
         StudentRecipe(teacher="t.onnx", distill="d.yaml", prune_ratios=ratios)
+    with pytest.raises(ValueError, match="prune_multiple"):
+        StudentRecipe(teacher="t.onnx", distill="d.yaml", init_from_teacher=True,
+                      prune_ratios=ratios, prune_multiple=0)
 
 
 def test_a_cut_decoder_keeps_every_weight_and_fits_its_new_output_conv() -> None:

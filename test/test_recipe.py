@@ -148,7 +148,7 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     photos.mkdir()
     for name in ("a.png", "b.png", "skipped.png"):
         cv2.imwrite(str(photos / name), np.random.default_rng(1).integers(0, 255, (40, 60, 3), np.uint8))
-    config = {"teacher": "teacher.onnx", "height": 48, "width": 64, "latency_runs": 2,
+    config = {"teacher": "teacher.onnx", "height": 48, "width": 64, "latency_runs": 2, "latency_rounds": 3,
               "sets": [{"name": "synthetic", "reader": "nyu_png", "root": str(frames)},
                        {"name": "unlabelled", "reader": "images", "root": str(photos),
                         "reader_kwargs": {"names": ["b.png", "a.png"]}},
@@ -173,7 +173,9 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     assert rows["self"]["agree_delta1"] == 1.0 and rows["self"]["agree_abs_rel"] == 0.0
     assert rows["other"]["agree_delta1_min"] <= rows["other"]["agree_delta1"] < 1.0
     assert rows["other"]["input"] == "32x32" and rows["self"]["frames"] == 2
-    assert 0 < rows["other"]["gt_abs_rel"] and "latency_vs_teacher" in rows["other"]
+    assert 0 < rows["other"]["gt_abs_rel"]
+    assert 0 < rows["other"]["latency_vs_teacher"] <= rows["other"]["latency_vs_teacher_q75"]
+    assert written["meta"]["latency_pairs"] == 3
     assert "agree_delta1_min" in (tmp_path / "o" / "real.md").read_text()
 
 

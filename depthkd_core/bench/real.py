@@ -48,8 +48,11 @@ class RealRow:
 class RealBenchConfig:
     """teacher: the reference for agreement. height/width: the frames are evaluated at
     this size (each model resizes to its own input and back, as the live node does).
-    min_depth/max_depth: the evaluated depth range (metres). latency_runs: per model, in 5
-    rounds beside the teacher's."""
+    min_depth/max_depth: the evaluated depth range (metres). latency_rounds: back-to-back
+    pairs (the model's runs, then the teacher's) per row; latency_runs: runs per model in
+    each pair. A pair's ratio moves by +-0.05 on a shared machine, so the budget is read
+    from many pairs: their median and their 75th percentile (three pairs in four at or
+    under it: the figure a budget is safely met by)."""
 
     teacher: str
     rows: list[RealRow]
@@ -58,7 +61,8 @@ class RealBenchConfig:
     width: int = 640
     min_depth: float = 0.1
     max_depth: float = 10.0
-    latency_runs: int = 50
+    latency_rounds: int = 15
+    latency_runs: int = 10
 
     @staticmethod
     def default_sets(shared: Path = Path("../shared")) -> list[RealSet]:
@@ -68,6 +72,9 @@ class RealBenchConfig:
     def __post_init__(self) -> None:
         if not self.rows:
             raise ValueError("bench-real needs at least one row")
+        if self.latency_rounds < 1 or self.latency_runs < 1:
+            raise ValueError(f"latency_rounds and latency_runs must be >= 1, got "
+                             f"{self.latency_rounds}, {self.latency_runs}")
         self.rows = [r if isinstance(r, RealRow) else RealRow(**r) for r in self.rows]
         self.sets = [s if isinstance(s, RealSet) else RealSet(**s) for s in self.sets]
 
@@ -117,16 +124,18 @@ def make_missing(rows: list[RealRow]) -> None:
                 raise ValueError(f"row '{row.name}': its recipe made {recipe.out_dir}, not {row.model}")
 
 
-def paired_latency(model: Any, teacher: Any, cfg: RealBenchConfig, rounds: int = 5) -> dict[str, float]:
-    """``latency_ms`` of ``model`` (median) and ``latency_vs_teacher``: the median over
-    ``rounds`` of its time over the teacher's, each pair measured back to back, so that a
-    machine whose load changes during the run does not skew one row against another."""
-    runs = max(1, cfg.latency_runs // rounds)
-    pairs = [(measure_latency(model, _own_shape(model, cfg), runs=runs)["median_ms"],
-              measure_latency(teacher, _own_shape(teacher, cfg), runs=runs)["median_ms"])
-             for _ in range(rounds)]
+def paired_latency(model: Any, teacher: Any, cfg: RealBenchConfig) -> dict[str, float]:
+    """``latency_ms`` of ``model`` (median) and its time over the teacher's in
+    ``cfg.latency_rounds`` pairs measured back to back (so that a machine whose load changes
+    during the run does not skew one row against another): ``latency_vs_teacher``, their
+    median, and ``latency_vs_teacher_q75``, their 75th percentile."""
+    pairs = [(measure_latency(model, _own_shape(model, cfg), runs=cfg.latency_runs)["median_ms"],
+              measure_latency(teacher, _own_shape(teacher, cfg), runs=cfg.latency_runs)["median_ms"])
+             for _ in range(cfg.latency_rounds)]
     ms, teacher_ms = (np.asarray(column) for column in zip(*pairs))
-    return {"latency_ms": float(np.median(ms)), "latency_vs_teacher": float(np.median(ms / teacher_ms)),
+    ratios = ms / teacher_ms
+    return {"latency_ms": float(np.median(ms)), "latency_vs_teacher": float(np.median(ratios)),
+            "latency_vs_teacher_q75": float(np.percentile(ratios, 75)),
             "teacher_ms": float(np.median(teacher_ms))}
 
 
@@ -155,6 +164,7 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
     teacher_ms = float(np.median(teacher_ms))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "teacher": cfg.teacher, "teacher_latency_ms": teacher_ms,
+            "latency_pairs": cfg.latency_rounds,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "sets": [vars(s) for s in cfg.sets if s.name in sets]}
     (out_dir / "real.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
@@ -166,7 +176,7 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
 
 COLUMNS = ("model", "set", "input", "gt_abs_rel", "gt_delta1", "gt_med_abs_rel", "gt_med_delta1",
            "agree_abs_rel", "agree_delta1", "agree_delta1_min", "params_M", "GMACs", "latency_ms",
-           "latency_vs_teacher")
+           "latency_vs_teacher", "latency_vs_teacher_q75")
 
 
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -174,7 +184,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = (f"Real frames ({', '.join(s['name'] for s in meta['sets'])}), {meta['date']}; "
             f"agreement: the teacher {Path(meta['teacher']).name} as reference "
             f"({meta['teacher_latency_ms']:.1f} ms, median of its runs beside each row's: "
-            "latency_vs_teacher is the median ratio of back-to-back pairs); gt_med: per-image "
+            f"latency_vs_teacher is the median ratio of {meta['latency_pairs']} back-to-back "
+            "pairs, _q75 their 75th percentile); gt_med: per-image "
             "median-aligned.\n\n")
     return head + to_markdown(results, COLUMNS)
 

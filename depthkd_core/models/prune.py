@@ -138,8 +138,9 @@ def widths_by_stride(model: FastDepthNet, ratios: dict[int, float], multiple: in
             raise ValueError(f"prune ratio for stride {stride} must be in (0, 1], got {ratio}")
 
     def scaled(c: int, stride: int) -> int:
-        ratio = ratios.get(stride, 1.0)
-        return min(c, max(multiple, int(round(c * ratio / multiple)) * multiple))
+        if stride not in ratios:
+            return c
+        return min(c, max(multiple, int(round(c * ratios[stride] / multiple)) * multiple))
 
     encoder = tuple(scaled(c, r) for c, r in zip(model.encoder.channels, model.encoder.reductions))
     # decoder stage s is upsampled after it, except the fifth (the output conv runs first)
