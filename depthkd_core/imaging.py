@@ -6,6 +6,13 @@ import cv2
 import numpy as np
 
 
+def rgb_to_chw(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 RGB -> a network's input layout: float32 3xHxW in [0, 1], contiguous."""
+    x = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    x *= np.float32(1.0 / 255.0)
+    return x
+
+
 def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """The whole image (no crop) at ``height`` x ``width``: area averaging when it shrinks,
     bilinear when it grows. A shrink by at least two on both sides, by ratios that are not

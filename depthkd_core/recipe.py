@@ -28,6 +28,7 @@ from torch import nn
 from depthkd_core.atomic import atomic_open
 from depthkd_core.bench.cache import file_sha256
 from depthkd_core.config import load_config
+from depthkd_core.imaging import rgb_to_chw
 from depthkd_core.models.config import FASTDEPTH_DECODER_STAGES, ModelConfig
 from depthkd_core.models.interpolate import interpolate_weights
 
@@ -273,7 +274,7 @@ def pruned_teacher(model_cfg: ModelConfig, recipe: StudentRecipe, data: Path, pa
     if not path.is_file():
         pruned = build_model(replace(model_cfg, decoder_stages=FASTDEPTH_DECODER_STAGES))
         frames = build_reader("sim", data)
-        images = torch.stack([torch.from_numpy(frames[i].rgb).permute(2, 0, 1).float() / 255.0
+        images = torch.stack([torch.from_numpy(rgb_to_chw(frames[i].rgb))
                               for i in range(min(recipe.prune_images, len(frames)))])
         size = model_cfg.input_size or (recipe.sim_height // 32 * 32, recipe.sim_width // 32 * 32)
         images = resize(images, size)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from depthkd_core.imaging import resize_rgb
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 
 LOG = logging.getLogger(__name__)
 
@@ -160,5 +160,5 @@ class OnnxDepthModel:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
         rgb = resize_rgb(rgb, *self._target_size(*rgb.shape[:2]))
-        x = (rgb.astype(np.float32) * (1.0 / 255.0)).transpose(2, 0, 1)[None]
+        x = rgb_to_chw(rgb)[None]
         return self.predict_batch(x)[0, 0]

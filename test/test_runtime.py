@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from depthkd_core.imaging import resize_rgb
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 from depthkd_core.runtime import OnnxDepthModel, create_session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,15 @@ def test_session_errors(tmp_path: Path) -> None:
         create_session(good, "gpu")
     with pytest.raises(ValueError, match="intra_op_num_threads"):
         create_session(good, "cpu", intra_op_num_threads=0)
+
+
+def test_rgb_to_chw_is_every_network_input() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rgb[0, 0] = (0, 128, 255)
+    x = rgb_to_chw(rgb)
+    assert x.shape == (3, 5, 7) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert x[:, 0, 0].tolist() == [0.0, np.float32(128) * np.float32(1 / 255), 1.0]
+    np.testing.assert_allclose(x, rgb.transpose(2, 0, 1) / 255.0, rtol=1e-6)
 
 
 @pytest.mark.needs_shared

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from depthkd_core.data.frame import Frame
-from depthkd_core.imaging import resize_rgb
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 
 
 def resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -85,7 +85,7 @@ class DepthDataset(Dataset):
         if self.augment and self.zoom > 1.0:
             frame = _zoomed(frame, float(self.zoom ** torch.rand(())), torch.rand(2).tolist())
         h, w = self.height, self.width
-        image = torch.from_numpy(resize_rgb(frame.rgb, h, w)).permute(2, 0, 1).float() / 255.0
+        image = torch.from_numpy(rgb_to_chw(resize_rgb(frame.rgb, h, w)))
         has_depth = frame.depth is not None
         depth = (torch.from_numpy(resize_nearest(frame.depth, h, w).copy())[None] if has_depth
                  else torch.zeros(1, h, w))

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from depthkd_core.imaging import resize_rgb
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 from depthkd_core.runtime import create_session
 
 FP32_TOLERANCE = 1e-4
@@ -91,7 +91,7 @@ def _to_batch(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"check image {i} must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
         rgb = resize_rgb(rgb, height, width)
-        out.append(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        out.append(rgb_to_chw(rgb))
     return np.stack(out)
 
 

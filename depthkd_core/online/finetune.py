@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from depthkd_core.atomic import atomic_open
 from depthkd_core.config import load_config
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 from depthkd_core.methods import METHODS
 from depthkd_core.methods.config import DistillConfig
 from depthkd_core.models import Teacher, load_checkpoint
@@ -117,7 +118,7 @@ class StoredTeacherDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float() / 255.0
+        image = torch.from_numpy(rgb_to_chw(self.images[index]))
         return {"image": image, "teacher": torch.from_numpy(self.teacher[index]),
                 "intrinsics": torch.from_numpy(self.intrinsics[index])}
 
@@ -133,7 +134,7 @@ def snapshot_store(store: KeyframeStore, keys: list[str], height: int, width: in
         if depth is None or info is None:
             continue
         modes.add((info["is_metric"], info["is_inverse"]))
-        images.append(cv2.resize(frame.rgb, (width, height), interpolation=cv2.INTER_AREA))
+        images.append(resize_rgb(frame.rgb, height, width))  # as the live node resizes
         depth = np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
         depths.append(cv2.resize(depth, (width, height), interpolation=cv2.INTER_LINEAR)[None])
         intr.append(np.asarray(frame.intrinsics.scaled(width, height).as_tuple(), np.float32))

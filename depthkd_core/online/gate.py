@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from depthkd_core.evaluate.metrics import compute_depth_metrics
+from depthkd_core.imaging import resize_rgb, rgb_to_chw
 from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.online.keyframes import KeyframeStore
 
@@ -70,8 +71,7 @@ def checkpoint_predictor(path: str | Path, size: tuple[int, int] | None = None) 
 
     def predict(rgb: np.ndarray) -> np.ndarray:
         h, w = size or (max(32, round(rgb.shape[0] / 32) * 32), max(32, round(rgb.shape[1] / 32) * 32))
-        image = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else rgb
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(rgb_to_chw(resize_rgb(rgb, h, w)))[None]
         with torch.no_grad():
             return model(x)[0, 0].numpy()
 
