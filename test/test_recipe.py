@@ -179,6 +179,28 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     assert "agree_delta1_min" in (tmp_path / "o" / "real.md").read_text()
 
 
+def test_bench_real_makes_missing_rows_on_every_core_and_times_on_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`make bench-real` trains the missing rows' recipes (an hour each) with all torch threads;
+    only the latency table is measured on one, and the caller's setting comes back after."""
+    from depthkd_core.bench import real
+
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(real, "make_missing", lambda rows: seen.setdefault("make", torch.get_num_threads()))
+    monkeypatch.setattr(real, "run_real_bench", lambda cfg, out: seen.setdefault("bench", torch.get_num_threads()))
+    config = {"teacher": "t.onnx", "rows": [{"name": "a", "model": "a.onnx"}]}
+    (tmp_path / "real.yaml").write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o"),
+                     "--make"]) == 0
+        assert seen == {"make": 2, "bench": 1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_shipped_recipe_and_bench_row_resolves(monkeypatch):
     """Each config/student recipe, and each bench-real row's recipe with its overrides, loads
     and names a distill config that loads with the recipe's overrides: a renamed file or a

@@ -199,7 +199,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)  # latency comparable with the node's single-frame use
     cfg = load_config(RealBenchConfig, args.config)
     if args.rows is not None:
         wanted = [name.strip() for name in args.rows.split(",")]
@@ -208,6 +207,11 @@ def run_cli(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown rows {unknown}; known: {[row.name for row in cfg.rows]}")
         cfg.rows = [row for row in cfg.rows if row.name in wanted]
     if args.make:
-        make_missing(cfg.rows)
-    run_real_bench(cfg, args.out)
+        make_missing(cfg.rows)  # trains on every core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency comparable with the node's single-frame use
+    try:
+        run_real_bench(cfg, args.out)
+    finally:
+        torch.set_num_threads(threads)
     return 0
