@@ -175,8 +175,43 @@ def test_bench_real_judges_against_truth_and_teacher(workdir: Path, tmp_path: Pa
     assert rows["other"]["input"] == "32x32" and rows["self"]["frames"] == 2
     assert 0 < rows["other"]["gt_abs_rel"]
     assert 0 < rows["other"]["latency_vs_teacher"] <= rows["other"]["latency_vs_teacher_q75"]
-    assert written["meta"]["latency_pairs"] == 3
+    [run] = written["meta"]["runs"]
+    assert run["latency_pairs"] == 3 and run["rows"] == ["self", "other"] and run["teacher_latency_ms"] > 0
     assert "agree_delta1_min" in (tmp_path / "o" / "real.md").read_text()
+
+    # --update measures one row again and merges it: the other row and its run stay as they were
+    before = {(r["model"], r["set"]): r for r in written["rows"]}
+    assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o"),
+                 "--rows", "other", "--update"]) == 0
+    merged = json.loads((tmp_path / "o" / "real.json").read_text())
+    assert [(r["model"], r["set"]) for r in merged["rows"]] == list(before)   # same rows, same order
+    assert all(r == before[(r["model"], r["set"])] for r in merged["rows"] if r["model"] == "self")
+    assert [run["rows"] for run in merged["meta"]["runs"]] == [["self"], ["other"]]
+    table = (tmp_path / "o" / "real.md").read_text()
+    assert "pairs): self; " in table and "pairs): other." in table
+    # a table of other frame sets does not merge: its figures would not compare
+    config["sets"] = config["sets"][:1]
+    (tmp_path / "real.yaml").write_text(json.dumps(config))
+    assert main(["bench-real", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "o"),
+                 "--rows", "other", "--update"]) == 1
+    assert "another sets" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "real.json").read_text()) == merged
+
+
+def test_a_table_written_before_runs_were_recorded_merges_as_one_run() -> None:
+    from depthkd_core.bench.real import merge_tables, render
+
+    sets = [{"name": "tum"}]
+    old = {"meta": {"date": "2026-12-02", "teacher": "t.onnx", "teacher_latency_ms": 27.4,
+                    "latency_pairs": 15, "sets": sets},
+           "rows": [{"model": m, "set": "tum", "agree_delta1": d} for m, d in (("a", 0.5), ("b", 0.6))]}
+    run = {"date": "2026-12-03 10:00 UTC", "teacher_latency_ms": 20.0, "latency_pairs": 15, "rows": ["b", "c"]}
+    rows, meta = merge_tables(old, [{"model": m, "set": "tum", "agree_delta1": 0.9} for m in ("c", "b")],
+                              {"teacher": "t.onnx", "sets": sets, "runs": [run]})
+    assert [(r["model"], r["agree_delta1"]) for r in rows] == [("a", 0.5), ("b", 0.9), ("c", 0.9)]
+    assert meta["runs"][0] == {"date": "2026-12-02", "teacher_latency_ms": 27.4, "latency_pairs": 15,
+                               "rows": ["a"]}
+    assert "2026-12-02 (teacher 27.4 ms, 15 pairs): a; 2026-12-03 10:00 UTC (teacher 20.0 ms" in render(rows, meta)
 
 
 def test_bench_real_makes_missing_rows_on_every_core_and_times_on_one(
@@ -187,7 +222,8 @@ def test_bench_real_makes_missing_rows_on_every_core_and_times_on_one(
 
     seen: dict[str, int] = {}
     monkeypatch.setattr(real, "make_missing", lambda rows: seen.setdefault("make", torch.get_num_threads()))
-    monkeypatch.setattr(real, "run_real_bench", lambda cfg, out: seen.setdefault("bench", torch.get_num_threads()))
+    monkeypatch.setattr(real, "run_real_bench",
+                        lambda cfg, out, update: seen.setdefault("bench", torch.get_num_threads()))
     config = {"teacher": "t.onnx", "rows": [{"name": "a", "model": "a.onnx"}]}
     (tmp_path / "real.yaml").write_text(json.dumps(config))
     threads = torch.get_num_threads()

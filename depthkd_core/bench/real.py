@@ -1,7 +1,7 @@
 """`depthkd bench-real`: depth models judged on real RGB-D frames, and by how well they
 agree with a teacher there.
 
-    depthkd bench-real [--config config/bench/real.yaml] [--out runs/bench_real]
+    depthkd bench-real [--config config/bench/real.yaml] [--out runs/bench_real] [--rows A,B] [--update]
 
 Every row is a model file (the students the recipes made, the teacher itself); every
 column block a set of real frames (Redwood and TUM in ../shared by default). Per set:
@@ -10,6 +10,11 @@ agreement with the teacher (its depth as the reference: no labels needed), the
 worst frame's agreement delta1 (the fidelity target holds on every frame, not on
 average), and each model's params, MACs and CPU latency measured in the same run.
 Real frames only judge here: nothing in this module trains or selects.
+
+``--update`` measures only the rows asked for and merges them into the table already in
+``--out``: a full table is hours of recipes, a new row minutes. Each row's latency is
+paired with the teacher in its own run, and the table says which run measured which rows
+(time, the teacher's latency then, pairs).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import platform
 import sys
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +144,9 @@ def paired_latency(model: Any, teacher: Any, cfg: RealBenchConfig) -> dict[str, 
             "teacher_ms": float(np.median(teacher_ms))}
 
 
-def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
-    """One result row per (model, frame set); writes real.json and real.md to ``out_dir``."""
+def run_real_bench(cfg: RealBenchConfig, out_dir: Path, update: bool = False) -> list[dict[str, Any]]:
+    """One result row per (model, frame set); writes real.json and real.md to ``out_dir``
+    (``update``: merged into the table there, replacing rows of the same names)."""
     from depthkd_core.models.teachers import load_teacher
 
     missing = [row for row in cfg.rows if not Path(row.model).exists()]
@@ -161,17 +167,47 @@ def run_real_bench(cfg: RealBenchConfig, out_dir: Path) -> list[dict[str, Any]]:
             results.append({"model": row.name, "set": name, "input": size,
                             **judge(model, teacher, frames, cfg.min_depth, cfg.max_depth), **cost,
                             **latency})
-    teacher_ms = float(np.median(teacher_ms))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"date": date.today().isoformat(), "teacher": cfg.teacher, "teacher_latency_ms": teacher_ms,
-            "latency_pairs": cfg.latency_rounds,
+    run = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "teacher_latency_ms": float(np.median(teacher_ms)), "latency_pairs": cfg.latency_rounds,
+           "rows": [row.name for row in cfg.rows]}
+    meta = {"teacher": cfg.teacher,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "sets": [vars(s) for s in cfg.sets if s.name in sets]}
+            "sets": [vars(s) for s in cfg.sets if s.name in sets], "runs": [run]}
+    if update and (out_dir / "real.json").is_file():
+        results, meta = merge_tables(json.loads((out_dir / "real.json").read_text()), results, meta)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "real.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
     table = render(results, meta)
     (out_dir / "real.md").write_text(table)
     print(table, end="")
     return results
+
+
+def _runs(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that measured a table; a table written before runs were recorded is one run."""
+    if "runs" in meta:
+        return meta["runs"]
+    return [{"date": meta["date"], "teacher_latency_ms": meta["teacher_latency_ms"],
+             "latency_pairs": meta["latency_pairs"], "rows": list(dict.fromkeys(r["model"] for r in rows))}]
+
+
+def merge_tables(old: dict[str, Any], rows: list[dict[str, Any]],
+                 meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``rows`` (one new run, ``meta``) merged into the ``old`` table: a model measured again
+    replaces its rows where they stood, a new one goes last. Only tables of the same teacher
+    and frame sets merge: their figures would not be comparable otherwise."""
+    for key in ("teacher", "sets"):
+        if old["meta"].get(key) != meta[key]:
+            raise ValueError(f"--update: the table in the output folder has another {key} "
+                             f"({old['meta'].get(key)} against {meta[key]}); write a new table instead")
+    new_names = list(dict.fromkeys(r["model"] for r in rows))
+    runs = [{**run, "rows": [n for n in run["rows"] if n not in new_names]}
+            for run in _runs(old["meta"], old["rows"])]
+    order = list(dict.fromkeys([r["model"] for r in old["rows"]] + new_names))
+    by_model = {name: [r for r in old["rows"] if r["model"] == name] for name in order}
+    by_model.update({name: [r for r in rows if r["model"] == name] for name in new_names})
+    merged = [r for name in order for r in by_model[name]]
+    return merged, {**meta, "runs": [run for run in runs if run["rows"]] + meta["runs"]}
 
 
 COLUMNS = ("model", "set", "input", "gt_abs_rel", "gt_delta1", "gt_med_abs_rel", "gt_med_delta1",
@@ -181,12 +217,15 @@ COLUMNS = ("model", "set", "input", "gt_abs_rel", "gt_delta1", "gt_med_abs_rel",
 
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table as markdown, with what it was measured against."""
-    head = (f"Real frames ({', '.join(s['name'] for s in meta['sets'])}), {meta['date']}; "
-            f"agreement: the teacher {Path(meta['teacher']).name} as reference "
-            f"({meta['teacher_latency_ms']:.1f} ms, median of its runs beside each row's: "
-            f"latency_vs_teacher is the median ratio of {meta['latency_pairs']} back-to-back "
-            "pairs, _q75 their 75th percentile); gt_med: per-image "
-            "median-aligned.\n\n")
+    runs = _runs(meta, results)
+    measured = "; ".join(
+        f"{run['date']} (teacher {run['teacher_latency_ms']:.1f} ms, {run['latency_pairs']} pairs): "
+        + ("every row" if len(runs) == 1 else ", ".join(run["rows"])) for run in runs)
+    head = (f"Real frames ({', '.join(s['name'] for s in meta['sets'])}); "
+            f"agreement: the teacher {Path(meta['teacher']).name} as reference; "
+            "latency_vs_teacher: the median ratio of back-to-back pairs of the row's runs and the "
+            "teacher's, _q75 their 75th percentile; gt_med: per-image median-aligned. "
+            f"Measured {measured}.\n\n")
     return head + to_markdown(results, COLUMNS)
 
 
@@ -196,6 +235,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make", action="store_true",
                         help="first run the recipe of every row whose model is missing")
     parser.add_argument("--rows", default=None, help="only these rows (comma-separated names)")
+    parser.add_argument("--update", action="store_true",
+                        help="merge the rows measured into the table already in --out")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -211,7 +252,7 @@ def run_cli(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # latency comparable with the node's single-frame use
     try:
-        run_real_bench(cfg, args.out)
+        run_real_bench(cfg, args.out, update=args.update)
     finally:
         torch.set_num_threads(threads)
     return 0
