@@ -204,9 +204,8 @@ def merge_tables(old: dict[str, Any], rows: list[dict[str, Any]],
     runs = [{**run, "rows": [n for n in run["rows"] if n not in new_names]}
             for run in _runs(old["meta"], old["rows"])]
     order = list(dict.fromkeys([r["model"] for r in old["rows"]] + new_names))
-    by_model = {name: [r for r in old["rows"] if r["model"] == name] for name in order}
-    by_model.update({name: [r for r in rows if r["model"] == name] for name in new_names})
-    merged = [r for name in order for r in by_model[name]]
+    merged = [r for name in order for r in (rows if name in new_names else old["rows"])
+              if r["model"] == name]
     return merged, {**meta, "runs": [run for run in runs if run["rows"]] + meta["runs"]}
 
 
