@@ -20,7 +20,7 @@ MASK = t([[1, 1], [1, 0]]).bool()
 
 
 def test_registry_holds_the_losses() -> None:
-    assert {"hu_depth", "l1", "mse", "silog"} <= set(LOSSES.keys())
+    assert {"hu_depth", "l1", "log_l1", "mse", "silog"} <= set(LOSSES.keys())
     with pytest.raises(KeyError, match="unknown loss 'nope'"):
         build_loss("nope")
 
@@ -40,7 +40,7 @@ def test_mse_hand_values() -> None:
 
 def test_empty_mask_gives_zero_not_nan() -> None:
     empty = torch.zeros_like(MASK)
-    for name in ("l1", "mse", "silog", "hu_depth"):
+    for name in ("l1", "log_l1", "mse", "silog", "hu_depth"):
         pred = PRED.clone().requires_grad_(True)
         value = build_loss(name)(pred, TARGET, empty)
         value.backward()
@@ -65,6 +65,24 @@ def test_silog_zero_at_perfect_prediction_with_finite_gradient() -> None:
     value.backward()
     assert value.item() == 0.0
     assert torch.isfinite(pred.grad).all()
+
+
+def test_log_l1_hand_values_and_robustness() -> None:
+    log_l1 = build_loss("log_l1", alpha=1.0)
+    # |log 1|, |log 2|, |log 3| over the three valid pixels
+    assert log_l1(PRED, TARGET, MASK).item() == pytest.approx((math.log(2) + math.log(3)) / 3, rel=1e-6)
+    assert build_loss("log_l1")(PRED, TARGET, MASK).item() == pytest.approx(
+        10 * (math.log(2) + math.log(3)) / 3, rel=1e-6)
+    # one pixel 100x off moves the absolute log error by log(100)/n, the squared one by
+    # far more: the outlier's share of the gradient stays that of one pixel
+    depth = torch.ones(1, 1, 4, 4)
+    outlier = depth.clone()
+    outlier[0, 0, 0, 0] = 100.0
+    pred = outlier.clone().requires_grad_(True)
+    log_l1(pred, depth).backward()
+    assert pred.grad[0, 0, 0, 0].item() == pytest.approx(1 / (16 * 100.0), rel=1e-5)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        build_loss("log_l1", alpha=0.0)
 
 
 def test_silog_rejects_bad_lambda() -> None:
@@ -107,7 +125,7 @@ def test_hu_invalid_pixel_and_its_neighbours_are_ignored() -> None:
     assert build_loss("hu_depth")(pred, target, mask).item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["l1", "mse", "silog", "hu_depth"])
+@pytest.mark.parametrize("name", ["l1", "log_l1", "mse", "silog", "hu_depth"])
 def test_losses_finite_and_differentiable(name: str) -> None:
     torch.manual_seed(0)
     pred = (torch.rand(2, 1, 8, 8) + 0.1).requires_grad_(True)

@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 
 # imported for their registration in LOSSES
-from depthkd_core.losses import attentive_kd, bn_stats, cwd, hu_depth, l1, mse, silog, ssim  # noqa: F401
+from depthkd_core.losses import (  # noqa: F401
+    attentive_kd, bn_stats, cwd, hu_depth, l1, log_l1, mse, silog, ssim)
 from depthkd_core.losses.common import LOSSES
 
 
