@@ -35,3 +35,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     count = mask.sum()
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return total / count.clamp(min=1)
+
+
+def log_ratio(pred: Tensor, target: Tensor, min_depth: float) -> Tensor:
+    """``log pred - log target`` per pixel, depths clamped to ``min_depth`` first so zero
+    or negative values never give -inf (the log losses' residual)."""
+    return torch.log(pred.clamp(min=min_depth)) - torch.log(target.clamp(min=min_depth))

@@ -9,11 +9,10 @@ and is minimised by the median, not the mean, of each pixel's log ratio.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from depthkd_core.losses.common import LOSSES
-from depthkd_core.losses.common import check_inputs, masked_mean
+from depthkd_core.losses.common import check_inputs, log_ratio, masked_mean
 
 
 @LOSSES.register("log_l1")
@@ -31,5 +30,5 @@ class LogL1Loss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_inputs(pred, target, mask)
-        g = torch.log(pred.clamp(min=self.min_depth)) - torch.log(target.clamp(min=self.min_depth))
+        g = log_ratio(pred, target, self.min_depth)
         return self.alpha * masked_mean(g.abs(), mask)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from depthkd_core.losses.common import LOSSES
-from depthkd_core.losses.common import check_inputs, masked_mean
+from depthkd_core.losses.common import check_inputs, log_ratio, masked_mean
 
 
 def safe_sqrt(value: Tensor, eps: float) -> Tensor:
@@ -49,6 +49,6 @@ class SILogLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_inputs(pred, target, mask)
-        g = torch.log(pred.clamp(min=self.min_depth)) - torch.log(target.clamp(min=self.min_depth))
+        g = log_ratio(pred, target, self.min_depth)
         variance = masked_mean(g * g, mask) - self.lambd * masked_mean(g, mask) ** 2
         return self.alpha * safe_sqrt(variance, self.eps)
