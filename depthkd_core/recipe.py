@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from depthkd_core.atomic import atomic_open
@@ -33,6 +34,7 @@ from depthkd_core.models.config import FASTDEPTH_DECODER_STAGES, ModelConfig
 from depthkd_core.models.interpolate import interpolate_weights
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
+QUANTIZE = ("none", "int8")
 
 
 @dataclass
@@ -65,7 +67,11 @@ class StudentRecipe:
     judged on the held-out simulated frames, and the one with the best mean agreement over
     the judged looks (``judge_styles``, else the transfer look's held-out frames) ships;
     every candidate's figures are in the provenance. [] = the distilled student.
-    export_height/width: the ONNX input size (the live node's model input)."""
+    export_height/width: the ONNX input size (the live node's model input).
+    quantize: "int8" ships the exported student quantised (export/quantize.py: int8
+    weights per channel, uint8 activations whose ranges come from ``quant_frames`` transfer
+    frames, evenly spaced) and judges every candidate so, as it runs; its fp32 graph stays
+    in out_dir as ``student_fp32.onnx``. "none" ships fp32."""
 
     teacher: str
     distill: str
@@ -87,6 +93,8 @@ class StudentRecipe:
     weight_interpolation: list[float] = field(default_factory=list)
     export_height: int = 96
     export_width: int = 128
+    quantize: str = "none"
+    quant_frames: int = 64
     out_dir: str = "runs/student/fastdepth"
 
     def __post_init__(self) -> None:
@@ -109,6 +117,10 @@ class StudentRecipe:
         if any(not 0.0 < a < 1.0 for a in self.weight_interpolation):
             raise ValueError(f"weight_interpolation alphas must be in (0, 1), got "
                              f"{self.weight_interpolation}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.quant_frames < 1:
+            raise ValueError(f"quant_frames must be >= 1, got {self.quant_frames}")
         if self.weight_interpolation and not (self.init_from_teacher and self.train):
             raise ValueError("weight_interpolation blends the teacher's weights the student "
                              "started from with the distilled ones: it needs "
@@ -158,7 +170,6 @@ def command_line(config: Path | str, overrides: list[str], install: Path | None 
 def make_student(recipe: StudentRecipe, command: str) -> Path:
     """Run the recipe; returns ``out_dir`` holding the three ARTIFACTS."""
     from depthkd_core.data import build_reader
-    from depthkd_core.export.onnx_export import export_onnx
     from depthkd_core.methods.config import load_distill_config
     from depthkd_core.methods.engine import distill
     from depthkd_core.models import build_model, load_checkpoint, save_checkpoint
@@ -188,19 +199,17 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     held_out = {style: simulated_set(style, recipe.val_frames, recipe.val_seed, recipe.sim_height,
                                      recipe.sim_width, recipe.sim_workers)
                 for style in recipe.judge_styles}
+    calibration = calibration_images(train, recipe)
     interpolation = None
     if recipe.weight_interpolation:
         start_model = build_model(cfg.model)  # the weights distillation started from
         alpha, interpolation = choose_interpolation(
             start_model, model, recipe, held_out or {"held_out": val}, images,
-            out / "interpolation")
+            calibration, out / "interpolation")
         model.load_state_dict(interpolate_weights(start_model, model, alpha))
         final = save_checkpoint(out / "interpolated.pt", model, model_cfg, step=extra["step"],
                                 interpolation_alpha=alpha)
-    report = export_onnx(model, out / "student.onnx", recipe.export_height, recipe.export_width,
-                         check_images=images)
-    if not report.passed:
-        raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
+    checks = export_student(model, out / "student.onnx", recipe, images, calibration)
     copy_atomic(final, out / "student.pt")
     by_style = sim_figures(out / "student.onnx", recipe.teacher, {"held_out": val, **held_out},
                            recipe.sim_height, recipe.sim_width)
@@ -215,7 +224,7 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
         "method": cfg.method if recipe.train else None, "loss": cfg.loss,
         "steps": cfg.max_steps if recipe.train else 0,
         "student": {"model": asdict(model_cfg), "onnx_input": [recipe.export_height, recipe.export_width],
-                    "onnx_sha256": file_sha256(out / "student.onnx"), "parity_max_rel": report.max_rel},
+                    "onnx_sha256": file_sha256(out / "student.onnx"), **checks},
         "data": {"kind": "simulated only", "style": recipe.sim_style, "frames": recipe.sim_frames,
                  "seed": recipe.sim_seed, "size": [recipe.sim_height, recipe.sim_width]},
         "held_out_sim": {"style": recipe.sim_style, "seed": recipe.val_seed, **figures},
@@ -230,25 +239,63 @@ def make_student(recipe: StudentRecipe, command: str) -> Path:
     return out
 
 
+def calibration_images(train: Path, recipe: StudentRecipe) -> np.ndarray | None:
+    """``recipe.quant_frames`` transfer frames, evenly spaced, at the export size as a
+    batch (the int8 ranges' calibration set), or None when the recipe ships fp32."""
+    from depthkd_core.data import build_reader
+    from depthkd_core.export.onnx_export import images_to_batch
+
+    if recipe.quantize == "none":
+        return None
+    frames = build_reader("sim", train)
+    picks = np.linspace(0, len(frames) - 1, min(recipe.quant_frames, len(frames))).round().astype(int)
+    return images_to_batch([frames[int(i)].rgb for i in picks], recipe.export_height,
+                           recipe.export_width)
+
+
+def export_student(model: nn.Module, path: Path, recipe: StudentRecipe, check_images: list,
+                   calibration: np.ndarray | None) -> dict[str, object]:
+    """``model`` exported to ``path`` as it ships: fp32 with the parity check, then with
+    ``recipe.quantize`` "int8" quantised, its ranges from ``calibration`` (the fp32 graph
+    kept beside it as ``<stem>_fp32.onnx``). The checks' figures, for the provenance."""
+    from depthkd_core.export.onnx_export import export_onnx, images_to_batch
+    from depthkd_core.export.quantize import quantize_int8
+
+    fp32 = path.with_name(f"{path.stem}_fp32.onnx") if recipe.quantize == "int8" else path
+    report = export_onnx(model, fp32, recipe.export_height, recipe.export_width,
+                         check_images=check_images)
+    if not report.passed:
+        raise ValueError(f"the exported student disagrees with its checkpoint: {report.summary()}")
+    checks: dict[str, object] = {"parity_max_rel": report.max_rel}
+    if recipe.quantize == "int8":
+        assert calibration is not None
+        quant = quantize_int8(fp32, path, calibration,
+                              images_to_batch(check_images, recipe.export_height, recipe.export_width))
+        if not quant.passed:
+            raise ValueError(f"the int8 student disagrees with its fp32 graph: {quant.summary()}")
+        checks["quantization"] = {
+            "kind": "int8 static (QDQ): weights int8 per channel, activations uint8 per tensor",
+            "calibration": f"{quant.calibration_images} transfer frames, min/max",
+            "fp32_onnx_sha256": file_sha256(fp32),
+            "vs_fp32": {"images": quant.check_images, "max_abs": quant.max_abs,
+                        "mean_rel": quant.mean_rel, "agree_delta1": quant.agree_delta1}}
+    return checks
+
+
 def choose_interpolation(start: nn.Module, tuned: nn.Module, recipe: StudentRecipe,
-                         judged: dict[str, Path], images: list, work: Path
-                         ) -> tuple[float, dict[str, object]]:
+                         judged: dict[str, Path], images: list, calibration: np.ndarray | None,
+                         work: Path) -> tuple[float, dict[str, object]]:
     """The alpha among ``recipe.weight_interpolation`` and 1 whose interpolated student
     agrees best with the teacher on ``judged`` (mean agreement delta1 over the sets, each
-    student exported and run as it would ship), and every alpha's figures."""
-    from depthkd_core.export.onnx_export import export_onnx
-
+    student exported, and quantised when the recipe says so, and run as it would ship),
+    and every alpha's figures."""
     figures: dict[str, dict[str, float]] = {}
     means: dict[float, float] = {}
     for alpha in sorted({*recipe.weight_interpolation, 1.0}):
         tuned_copy = copy.deepcopy(tuned)
         tuned_copy.load_state_dict(interpolate_weights(start, tuned, alpha))
         onnx = work / f"alpha_{alpha:.3f}.onnx"
-        report = export_onnx(tuned_copy, onnx, recipe.export_height, recipe.export_width,
-                             check_images=images)
-        if not report.passed:
-            raise ValueError(f"the interpolated student (alpha {alpha}) disagrees with its "
-                             f"export: {report.summary()}")
+        export_student(tuned_copy, onnx, recipe, images, calibration)
         by_set = sim_figures(onnx, recipe.teacher, judged, recipe.sim_height, recipe.sim_width)
         means[alpha] = sum(f["agree_delta1"] for f in by_set.values()) / len(by_set)
         figures[f"{alpha:g}"] = {**{name: f["agree_delta1"] for name, f in by_set.items()},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import TINY_FASTDEPTH, save_tiny_fastdepth_onnx, write_linear_onnx
@@ -126,6 +127,35 @@ def test_the_recipe_ships_the_interpolated_student_its_held_out_frames_prefer(
         StudentRecipe(teacher="t", distill="d", weight_interpolation=[0.5])
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         StudentRecipe(teacher="t", distill="d", init_from_teacher=True, weight_interpolation=[1.0])
+
+
+def test_the_recipe_ships_an_int8_student_calibrated_on_transfer_frames(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    out = workdir / "runs" / "student" / "tiny_int8"
+    assert main(["make-student", "--config", "tiny.yaml", "quantize=int8", "quant_frames=4",
+                 "weight_interpolation=[0.5]", f"out_dir={out}"]) == 0
+    provenance = json.loads((out / "student.json").read_text())
+    quant = provenance["student"]["quantization"]
+    assert quant["calibration"] == "4 transfer frames, min/max"
+    assert quant["fp32_onnx_sha256"] == sha256(out / "student_fp32.onnx")
+    assert quant["vs_fp32"]["images"] == 3 and quant["vs_fp32"]["agree_delta1"] >= 0.95
+    ops = {node.op_type for node in onnx.load(str(out / "student.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the fp32 graph is the shipped checkpoint; the int8 one is close to it
+    shipped, _, _ = load_checkpoint(out / "student.pt")
+    x = torch.rand(1, 3, 32, 32)
+    reference = shipped.eval()(x).detach().numpy()
+    assert np.abs(load_teacher(out / "student_fp32.onnx")(x).numpy() - reference).max() < 1e-4
+    assert np.abs(load_teacher(out / "student.onnx")(x).numpy() - reference).max() < 0.1 * reference.max()
+    # every interpolation candidate was judged as it ships: quantised
+    for alpha in ("0.500", "1.000"):
+        ops = {n.op_type for n in onnx.load(str(out / "interpolation" / f"alpha_{alpha}.onnx")).graph.node}
+        assert "QuantizeLinear" in ops
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        StudentRecipe(teacher="t", distill="d", quantize="int4")
+    with pytest.raises(ValueError, match="quant_frames"):
+        StudentRecipe(teacher="t", distill="d", quant_frames=0)
 
 
 def _write_nyu_frames(root: Path, n: int) -> Path:

@@ -84,7 +84,7 @@ class _HalfPrecision(nn.Module):
         return self.model(image.half()).float()
 
 
-def _to_batch(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
+def images_to_batch(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
     """uint8 HxWx3 RGB images -> (B,3,height,width) float32 in [0,1]."""
     out = []
     for i, rgb in enumerate(images):
@@ -134,7 +134,7 @@ def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, ops
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (the exporter emits 18 and converts down), got {opset}")
-    real = _to_batch(check_images, height, width) if check_images else None
+    real = images_to_batch(check_images, height, width) if check_images else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     reference = copy.deepcopy(model).float().cpu().eval()
@@ -193,18 +193,37 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-images", type=Path, default=None,
                         help="folder of real RGB images (first 8) also used for the parity check")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
+    parser.add_argument("--int8", type=Path, default=None, metavar="FOLDER",
+                        help="also quantise to int8 (export/quantize.py), activation ranges from the "
+                             "first --int8-frames images of FOLDER (the training images, never "
+                             "evaluation frames): --out is the int8 graph, <out>_fp32.onnx the fp32 one")
+    parser.add_argument("--int8-frames", type=int, default=64, help="calibration images (default 64)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from depthkd_core.models import load_checkpoint
 
+    if args.int8 is not None and (args.fp16 or args.int8_frames < 1):
+        raise ValueError("--int8 quantises an fp32 graph (not with --fp16) on --int8-frames >= 1 images")
     model, _, _ = load_checkpoint(args.checkpoint)
     images = read_images(args.check_images) if args.check_images is not None else None
-    report = export_onnx(model, args.out, args.height, args.width, opset=args.opset, fp16=args.fp16,
+    calibration = read_images(args.int8, args.int8_frames) if args.int8 is not None else None
+    fp32 = args.out.with_name(f"{args.out.stem}_fp32.onnx") if calibration else args.out
+    report = export_onnx(model, fp32, args.height, args.width, opset=args.opset, fp16=args.fp16,
                          check_images=images, dynamic_batch=not args.static_batch)
     if not report.passed:
         print(f"depthkd export: error: ONNX output differs from PyTorch by max rel {report.max_rel:.3g} "
-              f"> {report.tolerance:g} (max|onnx - torch| / max|torch|); {args.out} was written "
+              f"> {report.tolerance:g} (max|onnx - torch| / max|torch|); {fp32} was written "
               "for inspection but should not be deployed", file=sys.stderr)
         return 1
+    if calibration:
+        from depthkd_core.export.quantize import quantize_int8
+
+        batch = images_to_batch(calibration, args.height, args.width)
+        quant = quantize_int8(fp32, args.out, batch,
+                              images_to_batch(images, args.height, args.width) if images else batch)
+        if not quant.passed:
+            print(f"depthkd export: error: the int8 graph disagrees with the fp32 one ({quant.summary()}); "
+                  f"{args.out} was written for inspection but should not be deployed", file=sys.stderr)
+            return 1
     return 0
