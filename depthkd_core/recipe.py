@@ -243,7 +243,7 @@ def calibration_images(train: Path, recipe: StudentRecipe) -> np.ndarray | None:
     """``recipe.quant_frames`` transfer frames, evenly spaced, at the export size as a
     batch (the int8 ranges' calibration set), or None when the recipe ships fp32."""
     from depthkd_core.data import build_reader
-    from depthkd_core.export.onnx_export import images_to_batch
+    from depthkd_core.export.contract import images_to_batch
 
     if recipe.quantize == "none":
         return None
@@ -258,7 +258,8 @@ def export_student(model: nn.Module, path: Path, recipe: StudentRecipe, check_im
     """``model`` exported to ``path`` as it ships: fp32 with the parity check, then with
     ``recipe.quantize`` "int8" quantised, its ranges from ``calibration`` (the fp32 graph
     kept beside it as ``<stem>_fp32.onnx``). The checks' figures, for the provenance."""
-    from depthkd_core.export.onnx_export import export_onnx, images_to_batch
+    from depthkd_core.export.contract import images_to_batch
+    from depthkd_core.export.onnx_export import export_onnx
     from depthkd_core.export.quantize import quantize_int8
 
     fp32 = path.with_name(f"{path.stem}_fp32.onnx") if recipe.quantize == "int8" else path

@@ -122,5 +122,5 @@ def test_bad_arguments() -> None:
     model = ExportsDifferently()
     with pytest.raises(ValueError, match="opset must be >= 17"):
         export_onnx(model, "x.onnx", 32, 32, opset=13)
-    with pytest.raises(ValueError, match="check image 0 must be uint8"):
+    with pytest.raises(ValueError, match="image 0 must be uint8"):
         export_onnx(model, "x.onnx", 32, 32, check_images=[np.zeros((4, 4), np.float32)])

@@ -272,6 +272,25 @@ def _onnx(ckpt: Path, path: Path) -> Path:
     return path
 
 
+def test_an_int8_live_student_gets_an_int8_candidate(trained: dict, tmp_path: Path) -> None:
+    from depthkd_core.export.contract import images_to_batch
+    from depthkd_core.export.quantize import is_int8, quantize_int8
+
+    store, result = trained["store"], trained["result"]
+    frames = finetune.store_calibration(store, 8)
+    assert len(frames) == 8 and all(f.shape == (SIZE, SIZE, 3) for f in frames)
+    assert len(finetune.store_calibration(store, 1000)) == len(store.train_keys())
+    fp32 = _onnx(trained["init"], tmp_path / "live_fp32.onnx")
+    batch = images_to_batch(frames, SIZE, SIZE)
+    live = tmp_path / "live.onnx"
+    assert quantize_int8(fp32, live, batch, batch).passed and is_int8(live) and not is_int8(fp32)
+    line = finetune.judge(store.root, result, tmp_path / "int8", live, 0.0, (SIZE, SIZE),
+                          calibration_frames=8)
+    assert line["int8"] and is_int8(line["onnx"]) and line["gate"]["candidate_abs_rel"] is not None
+    line = finetune.judge(store.root, result, tmp_path / "fp32", fp32, 0.0, (SIZE, SIZE))
+    assert not line["int8"] and not is_int8(line["onnx"])
+
+
 def test_gate_deploys_better_refuses_worse_and_rollback(trained: dict) -> None:
     store, init, better = trained["store"], trained["init"], trained["result"].checkpoint
     root = trained["root"]

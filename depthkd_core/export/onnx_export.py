@@ -23,11 +23,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from depthkd_core.imaging import resize_rgb, rgb_to_chw
+from depthkd_core.export.contract import check_io_contract, images_to_batch
 from depthkd_core.runtime import create_session
 
 FP32_TOLERANCE = 1e-4
@@ -84,17 +83,6 @@ class _HalfPrecision(nn.Module):
         return self.model(image.half()).float()
 
 
-def images_to_batch(images: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """uint8 HxWx3 RGB images -> (B,3,height,width) float32 in [0,1]."""
-    out = []
-    for i, rgb in enumerate(images):
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"check image {i} must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
-        rgb = resize_rgb(rgb, height, width)
-        out.append(rgb_to_chw(rgb))
-    return np.stack(out)
-
-
 def _compare(model: nn.Module, session, x: np.ndarray, batched: bool) -> tuple[float, float]:
     """(max abs, max rel) error of the ONNX session against ``model`` on ``x``."""
     with torch.no_grad():
@@ -105,21 +93,6 @@ def _compare(model: nn.Module, session, x: np.ndarray, batched: bool) -> tuple[f
         raise ValueError(f"ONNX output shape {got.shape} != PyTorch output shape {ref.shape}")
     max_abs = float(np.max(np.abs(got.astype(np.float64) - ref)))
     return max_abs, max_abs / max(float(np.max(np.abs(ref))), 1e-12)
-
-
-def _check_graph(path: Path, height: int, width: int, dynamic_batch: bool) -> None:
-    """onnx.checker plus the I/O contract: image (B,3,H,W) -> depth (B,1,H,W), float32."""
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto, full_check=True)
-    batch = "batch" if dynamic_batch else 1
-    want = {"image": [batch, 3, height, width], "depth": [batch, 1, height, width]}
-    for value in (*proto.graph.input, *proto.graph.output):
-        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or dims != want.pop(value.name, None):
-            raise ValueError(f"exported graph has {value.name} {dims} (type "
-                             f"{value.type.tensor_type.elem_type}); expected float32 image/depth")
-    if want:
-        raise ValueError(f"exported graph lacks {sorted(want)}")
 
 
 def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, opset: int = 17,
@@ -147,7 +120,7 @@ def export_onnx(model: nn.Module, path: str | Path, height: int, width: int, ops
         torch.onnx.export(net, (example,), str(tmp), input_names=["image"], output_names=["depth"],
                           opset_version=opset, dynamo=True, dynamic_shapes=shapes,
                           external_data=False, verbose=False)
-        _check_graph(tmp, height, width, dynamic_batch)
+        check_io_contract(tmp, height, width, dynamic_batch)
         session, provider = create_session(tmp, "cpu")
         x = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0)).numpy()
         rand_abs, rand_rel = _compare(reference, session, x, dynamic_batch)

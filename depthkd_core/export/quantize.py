@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from depthkd_core.export.onnx_export import _check_graph
+from depthkd_core.export.contract import check_io_contract
 from depthkd_core.runtime import create_session
 
 # int8 against fp32 of the same network: the packaged student's cut, untrained, agrees at
@@ -56,6 +56,14 @@ class QuantReport:
                 f"{self.calibration_images} image(s); against fp32 on {self.check_images}: max abs "
                 f"{self.max_abs:.3g} m, mean rel {self.mean_rel:.3g}, delta1 {self.agree_delta1:.4f} "
                 f"({verdict}, limit {INT8_MIN_AGREEMENT})")
+
+
+def is_int8(path: str | Path) -> bool:
+    """Whether the ONNX file at ``path`` quantises its activations (has QuantizeLinear)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "QuantizeLinear" for node in graph.node)
 
 
 def _validate(name: str, images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -115,7 +123,7 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray,
                             per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        _check_graph(tmp, height, width, dynamic_batch)
+        check_io_contract(tmp, height, width, dynamic_batch)
         int8, _ = create_session(tmp, "cpu")
         ref, got = _run(fp32, check).astype(np.float64), _run(int8, check).astype(np.float64)
         if not np.isfinite(got).all():

@@ -52,7 +52,9 @@ CANDIDATE = "candidate.onnx"
 @dataclass
 class FinetuneConfig:
     """One round. margin: the gate's absolute AbsRel margin (gate.py). ckpt_every: steps
-    between resumable checkpoints. method_kwargs: the method's own options (docs/distill.md)."""
+    between resumable checkpoints. method_kwargs: the method's own options (docs/distill.md).
+    int8_calibration_frames: when the live student is an int8 graph, the candidate is
+    quantised too, its activation ranges from this many train keyframes (evenly spaced)."""
 
     method: str = "labelfree"
     steps_per_round: int = 50
@@ -64,6 +66,7 @@ class FinetuneConfig:
     seed: int = 0
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     ckpt_every: int = 10
+    int8_calibration_frames: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in ("labelfree", "tiekd"):
@@ -75,6 +78,8 @@ class FinetuneConfig:
             raise ValueError(f"height/width must be positive multiples of 32, got {self.height}x{self.width}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.int8_calibration_frames < 1:
+            raise ValueError(f"int8_calibration_frames must be >= 1, got {self.int8_calibration_frames}")
 
 
 @dataclass
@@ -215,45 +220,71 @@ def run_round(store_root: str | Path, init_checkpoint: str | Path, work_dir: str
     return result
 
 
-def export_candidate(checkpoint: str | Path, path: Path, height: int, width: int) -> str:
+def export_candidate(checkpoint: str | Path, path: Path, height: int, width: int,
+                     calibration: list[np.ndarray] | None = None) -> str:
     """Export ``checkpoint`` to ``path`` (atomically); "" on success, else why it failed.
 
     A model that fixes its own run size (``ModelConfig.input_size``, e.g. a fastdepth
-    student) is exported at that size: any other would put a resize into the graph."""
+    student) is exported at that size: any other would put a resize into the graph.
+    ``calibration`` (RGB frames): the candidate is quantised to int8 on them, as the live
+    student is when it is an int8 graph (export/quantize.py)."""
+    from depthkd_core.export.contract import images_to_batch
     from depthkd_core.export.onnx_export import export_onnx
+    from depthkd_core.export.quantize import quantize_int8
 
     if path.is_file():  # a resumed round exported already
         return ""
     model, model_cfg, _ = load_checkpoint(checkpoint)
     height, width = model_cfg.input_size or (height, width)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp, fp32 = (path.with_name(f".{path.name}.{part}.tmp") for part in ("out", "fp32"))
     try:
-        report = export_onnx(model, tmp, height, width)
+        report = export_onnx(model, fp32, height, width)
         if not report.passed:
             return f"ONNX parity failed ({report.summary()})"
+        if calibration:
+            batch = images_to_batch(calibration, height, width)
+            quant = quantize_int8(fp32, tmp, batch, batch)
+            if not quant.passed:
+                return f"int8 check failed ({quant.summary()})"
+        else:
+            os.replace(fp32, tmp)
         os.replace(tmp, path)
     except Exception as exc:  # any exporter failure means no candidate
         return f"ONNX export failed: {exc}"
     finally:
         tmp.unlink(missing_ok=True)
+        fp32.unlink(missing_ok=True)
     return ""
 
 
+def store_calibration(store: KeyframeStore, frames: int) -> list[np.ndarray]:
+    """Up to ``frames`` of the store's train keyframes, evenly spaced: an int8 candidate's
+    calibration images (the camera's own frames, never the held-out ones that gate it)."""
+    keys = store.train_keys()
+    picks = np.linspace(0, len(keys) - 1, min(frames, len(keys))).round().astype(int) if keys else []
+    return [store.load(keys[int(i)]).rgb for i in picks]
+
+
 def judge(store_root: Path, result: RoundResult, work_dir: Path, live: Path, margin: float,
-          size: tuple[int, int]) -> dict[str, Any]:
-    """Export the round's checkpoint and gate it against ``live``: the result line's gate part."""
+          size: tuple[int, int], calibration_frames: int = 64) -> dict[str, Any]:
+    """Export the round's checkpoint and gate it against ``live``: the result line's gate part.
+    An int8 live student gets an int8 candidate (calibrated on ``calibration_frames`` train
+    keyframes): both are judged, and the winner runs, at the speed the robot ships."""
+    from depthkd_core.export.quantize import is_int8
     from depthkd_core.online.gate import gate
 
     candidate = work_dir / CANDIDATE
-    failure = export_candidate(result.checkpoint, candidate, *size)
+    store = KeyframeStore(store_root, writer=False)
+    calibration = store_calibration(store, calibration_frames) if is_int8(live) else None
+    failure = export_candidate(result.checkpoint, candidate, *size, calibration=calibration)
     if failure:
         return {"onnx": None, "gate": {"deploy": False, "live_abs_rel": None,
                                        "candidate_abs_rel": None, "margin": margin,
                                        "reason": f"candidate refused: {failure}"}}
-    decision = asdict(gate(candidate, live, KeyframeStore(store_root, writer=False), margin))
+    decision = asdict(gate(candidate, live, store, margin))
     for key in ("live_abs_rel", "candidate_abs_rel"):  # JSON has no NaN or inf: null
         decision[key] = decision[key] if np.isfinite(decision[key]) else None
-    return {"onnx": str(candidate), "gate": decision}
+    return {"onnx": str(candidate), "gate": decision, "int8": calibration is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.live:
         margin = cfg.margin if args.margin is None else args.margin
         line.update(judge(Path(args.store), result, Path(args.work), Path(args.live), margin,
-                          tuple(args.export or (cfg.height, cfg.width))))
+                          tuple(args.export or (cfg.height, cfg.width)), cfg.int8_calibration_frames))
     print(json.dumps(line))
     return 0
 
