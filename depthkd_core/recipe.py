@@ -35,6 +35,7 @@ from depthkd_core.models.interpolate import interpolate_weights
 
 ARTIFACTS = ("student.onnx", "student.pt", "student.json")
 QUANTIZE = ("none", "int8")
+FP32_ARTIFACT = "student_fp32.onnx"  # beside an int8 student.onnx
 
 
 @dataclass
@@ -262,7 +263,7 @@ def export_student(model: nn.Module, path: Path, recipe: StudentRecipe, check_im
     from depthkd_core.export.onnx_export import export_onnx
     from depthkd_core.export.quantize import quantize_int8
 
-    fp32 = path.with_name(f"{path.stem}_fp32.onnx") if recipe.quantize == "int8" else path
+    fp32 = path.with_name(f"{path.stem}_fp32{path.suffix}") if recipe.quantize == "int8" else path
     report = export_onnx(model, fp32, recipe.export_height, recipe.export_width,
                          check_images=check_images)
     if not report.passed:
@@ -345,10 +346,15 @@ def copy_atomic(src: Path, dst: Path) -> None:
 
 
 def install(out: Path, target: Path) -> None:
-    """Copy the recipe's artifacts into ``target``."""
+    """Copy the recipe's artifacts into ``target``; an int8 student's fp32 graph too (for a
+    GPU, or a CPU without int8 dot-product instructions), and none left from an earlier one."""
     target.mkdir(parents=True, exist_ok=True)
     for name in ARTIFACTS:
         copy_atomic(out / name, target / name)
+    if (out / FP32_ARTIFACT).is_file():
+        copy_atomic(out / FP32_ARTIFACT, target / FP32_ARTIFACT)
+    else:
+        (target / FP32_ARTIFACT).unlink(missing_ok=True)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -133,8 +133,11 @@ def test_the_recipe_ships_an_int8_student_calibrated_on_transfer_frames(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(workdir)
     out = workdir / "runs" / "student" / "tiny_int8"
+    (workdir / "int8_installed").mkdir()
     assert main(["make-student", "--config", "tiny.yaml", "quantize=int8", "quant_frames=4",
-                 "weight_interpolation=[0.5]", f"out_dir={out}"]) == 0
+                 "weight_interpolation=[0.5]", f"out_dir={out}", "--install", "int8_installed"]) == 0
+    installed = sorted(p.name for p in (workdir / "int8_installed").iterdir())
+    assert installed == ["student.json", "student.onnx", "student.pt", "student_fp32.onnx"]
     provenance = json.loads((out / "student.json").read_text())
     quant = provenance["student"]["quantization"]
     assert quant["calibration"] == "4 transfer frames, min/max"
@@ -152,6 +155,8 @@ def test_the_recipe_ships_an_int8_student_calibrated_on_transfer_frames(
     for alpha in ("0.500", "1.000"):
         ops = {n.op_type for n in onnx.load(str(out / "interpolation" / f"alpha_{alpha}.onnx")).graph.node}
         assert "QuantizeLinear" in ops
+    assert main(["make-student", "--config", "tiny.yaml", "--install", "int8_installed"]) == 0
+    assert not (workdir / "int8_installed" / "student_fp32.onnx").exists()  # none left behind
     with pytest.raises(ValueError, match="quantize must be one of"):
         StudentRecipe(teacher="t", distill="d", quantize="int4")
     with pytest.raises(ValueError, match="quant_frames"):
