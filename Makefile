@@ -44,8 +44,9 @@ demo-assets: venv
 	$(VENV)/bin/depthkd export --checkpoint runs/demo_student/final.pt --out runs/student/sim_supervised/student.onnx --height 192 --width 256 --check-images depthkd_ros/demo_data/rgb
 
 # The packaged student (depthkd_ros/models/student.onnx/.pt/.json) from the real teacher
-# in ../shared/models/fastdepth, through simulated images only (docs/student.md; 65
-# minutes to 2 hours on 2 CPU cores, resumable: run it again after an interruption).
+# in ../shared/models/fastdepth, through simulated images only, shipped as int8
+# (docs/student.md; 45 minutes to 1.5 hours on 2 CPU cores, resumable: run it again after
+# an interruption).
 student: venv
 	$(VENV)/bin/depthkd make-student --config config/student/fastdepth.yaml --install depthkd_ros/models
 
