@@ -15,6 +15,7 @@ pytestmark = pytest.mark.ros
 
 from depthkd_core.cli import main
 from depthkd_core.data.readers import SimFolder
+from depthkd_core.export.quantize import INT8_MIN_AGREEMENT, is_int8
 from depthkd_core.runtime import OnnxDepthModel
 from depthkd_core.geometry.pointcloud import read_ply
 from depthkd_ros.tools.demo import PACKAGED_SEQUENCE
@@ -25,7 +26,8 @@ from helpers import ros_domain
 DEMO_DOMAIN, BENCH_DOMAIN = ros_domain(52), ros_domain(53)
 
 
-# The packaged FastDepth student: 1.30 M float32 parameters, about 5.2 MB as ONNX or checkpoint.
+# The packaged FastDepth student: 1.34 M parameters, 1.5 MB as int8 ONNX, about 5.4 MB as its
+# fp32 graph or checkpoint.
 MAX_ASSET = 6 * 1024 * 1024
 
 
@@ -45,7 +47,15 @@ def test_packaged_assets_are_small_and_consistent():
     from depthkd_core.online.gate import checkpoint_predictor
 
     torch_depth = checkpoint_predictor(checkpoint, model.input_size)(frames[0].rgb)
-    assert np.abs(torch_depth - depth).max() <= 1e-3 * depth.max()
+    # the live graph is the checkpoint quantised (int8): close to it; its fp32 graph, installed
+    # beside it, is the checkpoint exactly
+    assert is_int8(PACKAGED_MODEL)
+    fp32 = PACKAGED_MODEL.with_name("student_fp32.onnx")
+    assert fp32.stat().st_size <= MAX_ASSET and not is_int8(fp32)
+    fp32_depth = OnnxDepthModel(fp32, providers="cpu").predict(frames[0].rgb)
+    assert np.abs(torch_depth - fp32_depth).max() <= 1e-3 * fp32_depth.max()
+    ratio = np.maximum(depth / torch_depth, torch_depth / depth)
+    assert np.mean(ratio < 1.25) >= INT8_MIN_AGREEMENT
 
 
 def test_distill_node_trains_the_packaged_student_by_default(tmp_path):
